@@ -1,0 +1,1 @@
+"""_napari/_widgets"""

@@ -1,0 +1,82 @@
+"""Model registry: name -> factory, input contract, weights file and sha256.
+
+Every registered model is exercised by the tests (forward and backward on CPU).
+The input contract is what the inference engine needs to feed a model correctly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch.nn as nn
+
+__all__ = ["InputContract", "ModelSpec", "register", "get_model_spec", "list_models", "REGISTRY"]
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """How a model expects its input, and what its output channels mean."""
+
+    spatial_dims: Literal[2, 3]
+    """3: the network takes 3D patches; 2: it takes 2D slices (applied slice by slice to volumes)."""
+    in_channels: int
+    label_names: tuple[str, ...]
+    """One name per output class; index 0 is background."""
+    label_colors: tuple[str, ...]
+    """One '#rrggbb' colour per class (background first)."""
+    patch_size: tuple[int, ...]
+    """Default sliding-window patch, (z, y, x) for 3D, (y, x) for 2D; every axis divisible by the net's stride."""
+    target_spacing: tuple[float, float, float] | None = None
+    """Working spacing (z, y, x) in mm, or None to keep the scan's own spacing."""
+    orientation: str | None = "RAS"
+    """Orientation code (as SimpleITK's DICOMOrient takes it) the network was trained in."""
+    modality: Literal["CT", "MR", "any"] = "any"
+    normalization: Literal["zscore", "ct"] = "zscore"
+    """'zscore': per-volume z-score (MR); 'ct': clip to ``ct_window`` then z-score with ``ct_stats``."""
+    ct_window: tuple[float, float] | None = None
+    ct_stats: tuple[float, float] | None = None
+    """(mean, std) in HU used after windowing, for normalization == 'ct'."""
+    slice_axis: int = 0
+    """For 2D models: the array axis (z=0, y=1, x=2) the model is applied along."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: how to build it, how to feed it, where its weights are."""
+
+    name: str
+    factory: Callable[[], nn.Module]
+    contract: InputContract
+    description: str = ""
+    weights: str | None = None
+    """File name of shipped weights under the package's weights folder (safetensors), if any."""
+    sha256: str | None = None
+    card: dict = field(default_factory=dict)
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add ``spec`` to the registry (a name can be registered once)."""
+    if spec.name in REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The spec registered under ``name``; a clear error listing the known names otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(REGISTRY)) or 'none'}") from None
+
+
+def list_models() -> list[str]:
+    return sorted(REGISTRY)

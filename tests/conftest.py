@@ -1,0 +1,48 @@
+"""Shared fixtures. Real data lives in ../shared/data (read-only in CI)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MEDMAMBA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def _require(path: Path) -> Path:
+    """Return ``path``; fail in CI (CI=true) when it is missing, skip elsewhere."""
+    if path.exists():
+        return path
+    message = f"shared test data missing: {path} (see ../shared/data/MANIFEST.md)"
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The ../shared/data folder (fails in CI, skips elsewhere, when missing)."""
+    return _require(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def totalseg(shared_data: Path) -> Path:
+    return _require(shared_data / "totalseg")
+
+
+@pytest.fixture(scope="session")
+def dicom_series(totalseg: Path) -> Path:
+    """The real 20-slice CT DICOM series (512x512x20)."""
+    return _require(totalseg / "example_ct_dicom")
+
+
+@pytest.fixture(scope="session")
+def hippocampus(shared_data: Path) -> Path:
+    return _require(shared_data / "msd_hippocampus")
+
+
+@pytest.fixture(scope="session")
+def openkbp(shared_data: Path) -> Path:
+    return _require(shared_data / "openkbp")
