@@ -1,1 +1,5 @@
-"""_napari"""
+"""napari integration (the only part of the package importing napari, Qt or magicgui).
+
+Contributions are listed in napari.yaml; each lives in one private module:
+``_reader``, ``_writer``, ``_sample_data``; ``_layers`` converts Volumes to layers and back.
+"""

@@ -13,7 +13,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Geometry", "DicomInfo", "Volume"]
+__all__ = ["Geometry", "DicomInfo", "Volume", "scan_name"]
+
+_SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def scan_name(path: str | Path) -> str:
+    """A case name for a scan path: the file or folder name without its image extension."""
+    name = Path(path).name
+    for ext in _SCAN_SUFFIXES:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
 
 
 @dataclass(frozen=True)
@@ -137,13 +148,7 @@ class Volume:
     @property
     def name(self) -> str:
         """A display name: the file or folder name without extension, or "volume"."""
-        if self.path is None:
-            return "volume"
-        name = Path(self.path).name
-        for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-            if name.lower().endswith(ext):
-                return name[: -len(ext)]
-        return name
+        return "volume" if self.path is None else scan_name(self.path)
 
     def with_array(self, array: np.ndarray) -> "Volume":
         """A volume on the same grid holding another array (e.g. labels)."""

@@ -1,0 +1,15 @@
+"""npe2 sample data: offline scans shipped by installed packages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..samples import load_sample
+from ._layers import image_layer_data
+
+__all__ = ["mni152_t1"]
+
+
+def mni152_t1() -> list[tuple[Any, dict[str, Any], str]]:
+    """The MNI ICBM152 2009a T1 template shipped by nilearn, as an Image layer."""
+    return [image_layer_data(load_sample("mni152_t1"), name="MNI152 T1")]

@@ -1,0 +1,253 @@
+"""``napari-medmamba`` command line: Unix habits (``--help``, exit codes, progress on stderr).
+
+Exit codes: 0 success, 1 at least one case failed, 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+
+__all__ = ["main", "build_parser"]
+
+LABEL_SUFFIX = "_labels.nii.gz"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _StderrProgress:
+    """Prints ``[case] stage 42%`` lines on stderr, at most one per 2 % step."""
+
+    def __init__(self, case: str, quiet: bool) -> None:
+        self.case, self.quiet, self.last = case, quiet, -1
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        percent = int(fraction * 100)
+        if self.quiet or percent < self.last + 2 and percent < 100:
+            return
+        self.last = percent
+        _stderr(f"[{self.case}] {stage} {percent:3d}%")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-medmamba",
+        description="Mamba-based 3D medical image segmentation (research use, not for clinical decisions).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="segment the bundled sample scan (offline) and write the results")
+    p.add_argument("--output", "-o", type=Path, default=Path("medmamba-demo"), help="output folder (default: %(default)s)")
+    p.add_argument("--model", default=None, help="registered model name (default: the default model)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--view", action="store_true", help="also open the result in napari (needs a display)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("segment", help="segment scans (files, DICOM folders, globs) into OUTDIR")
+    p.add_argument("inputs", nargs="+", help="scan files, DICOM folders or glob patterns")
+    p.add_argument("--output", "-o", type=Path, required=True, help="output folder")
+    p.add_argument("--model", default=None, help="registered model name (default: the default model)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--mode", choices=("accurate", "fast"), default="accurate")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("models", help="list the registered models")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("info", help="print a scan's shape and geometry")
+    p.add_argument("path", type=Path)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        _stderr("interrupted")
+        return 130
+
+
+# --- subcommands -------------------------------------------------------------------------
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import default_model_name, get_model_spec, list_models
+
+    rows = []
+    for name in list_models():
+        spec = get_model_spec(name)
+        c = spec.contract
+        rows.append({
+            "name": name,
+            "default": name == default_model_name(),
+            "dims": c.spatial_dims,
+            "modality": c.modality,
+            "labels": list(c.label_names),
+            "weights": spec.weights,
+            "description": spec.description,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            mark = "*" if r["default"] else " "
+            weights = r["weights"] or "no shipped weights"
+            print(f"{mark} {r['name']:<16} {r['dims']}D {r['modality']:<3} {', '.join(r['labels'][1:])}  [{weights}]")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .io import VolumeReadError, read_volume
+
+    try:
+        vol = read_volume(args.path)
+    except VolumeReadError as exc:
+        _stderr(f"error: {exc}")
+        return 1
+    info = {
+        "path": str(args.path),
+        "shape_zyx": list(vol.shape),
+        "dtype": str(vol.array.dtype),
+        "modality": vol.modality,
+        **vol.geometry.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>10}: {value}")
+    return 0
+
+
+def _expand_inputs(patterns: Sequence[str]) -> list[Path]:
+    import glob
+
+    paths: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
+        paths.extend(Path(m) for m in matches)
+    return paths
+
+
+def segment_case(path: Path, outdir: Path, model: Any, device: str, mode: str, quiet: bool) -> dict[str, Any]:
+    """Segment one scan into ``outdir/<case>_labels.nii.gz``; returns a summary row."""
+    import numpy as np
+
+    from .inference import segment
+    from .io import read_volume, write_labels
+    from .io.volume import scan_name
+
+    case = scan_name(path)
+    start = time.perf_counter()
+    volume = read_volume(path)
+    result = segment(volume, model, device=device, mode=mode, progress=_StderrProgress(case, quiet))
+    out = write_labels(result.labels.array, like=volume, path=outdir / f"{case}{LABEL_SUFFIX}")
+    counts = np.bincount(result.labels.array.ravel(), minlength=len(result.label_names))
+    row: dict[str, Any] = {
+        "case": case,
+        "status": "ok",
+        "output": str(out),
+        "shape": "x".join(str(s) for s in volume.shape),
+        "spacing_mm": "x".join(f"{s:.4g}" for s in volume.geometry.spacing_zyx),
+        "model": result.model_name,
+        "device": result.device,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    for value, name in enumerate(result.label_names[1:], start=1):
+        row[f"{name}_ml"] = round(float(counts[value]) * volume.geometry.voxel_volume_ml, 4)
+    return row
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .inference import resolve_model
+    from .io.volume import scan_name
+    from .models import default_model_name
+
+    paths = _expand_inputs(args.inputs)
+    if not paths:
+        _stderr("error: no input matched")
+        return 1
+    args.output.mkdir(parents=True, exist_ok=True)
+    model = resolve_model(args.model or default_model_name())  # loaded once for all cases
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        case = scan_name(path)
+        target = args.output / f"{case}{LABEL_SUFFIX}"
+        if target.exists() and not args.overwrite:
+            rows.append({"case": case, "status": "skipped (exists)", "output": str(target)})
+            if not args.quiet:
+                _stderr(f"[{case}] exists, skipped (use --overwrite to redo)")
+            continue
+        try:
+            rows.append(segment_case(path, args.output, model, args.device, args.mode, args.quiet))
+        except Exception as exc:  # one bad case is reported, the rest go on
+            _stderr(f"[{case}] failed: {exc}")
+            rows.append({"case": case, "status": f"failed: {exc}"})
+    _write_summary_csv(rows, args.output / "summary.csv")
+    failed = sum(r["status"].startswith("failed") for r in rows)
+    if args.json:
+        print(json.dumps({"cases": rows, "failed": failed}, indent=2))
+    elif not args.quiet:
+        _stderr(f"{len(rows) - failed} of {len(rows)} cases done; summary: {args.output / 'summary.csv'}")
+    return 1 if failed else 0
+
+
+def _write_summary_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .models import default_model_name, get_model_spec
+    from .samples import load_sample, sample_path
+
+    name = args.model or default_model_name()
+    spec = get_model_spec(name)
+    _stderr(f"sample: {sample_path()}")
+    volume = load_sample()
+    _stderr(f"scan {volume.shape} (z, y, x), spacing {volume.geometry.spacing_zyx} mm; model {name}")
+    if spec.weights is None:
+        _stderr(f"note: model {name!r} has no trained weights shipped yet: its output is from random initial weights")
+    args.output.mkdir(parents=True, exist_ok=True)
+    row = segment_case(Path(volume.path), args.output, name, args.device, "fast", quiet=False)
+    _write_summary_csv([row], args.output / "summary.csv")
+    print(json.dumps(row, indent=2))
+    if args.view:
+        import napari
+
+        from .io import read_volume
+
+        viewer = napari.Viewer()
+        viewer.open(str(volume.path), plugin="napari-medmamba")
+        labels = read_volume(row["output"])
+        viewer.add_labels(labels.array, affine=labels.geometry.zyx_affine(), name=f"{name} labels")
+        napari.run()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""LightM-UNet (Liao et al. 2024) for 2D or 3D inputs.
+
+Module and parameter names follow the official network (``nnunetv2/nets/LightMUNet.py``, built on
+MONAI blocks), so the state dict of the official nnU-Net v2 trainer loads with strict key matching:
+residual vision-Mamba (RVM) encoder layers, additive skips, a light depthwise-conv decoder and a
+single full-resolution output (no deep supervision). Every input axis must be divisible by
+``2 ** (len(blocks_down) - 1)`` (8 with the default four levels).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .mamba import Mamba
+
+__all__ = ["LightMUNet", "MambaLayer", "ResMambaBlock", "ResUpBlock"]
+
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+
+
+class ConvOnly(nn.Module):
+    """A single convolution held as ``.conv`` (MONAI ``Convolution(conv_only=True)`` layout)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 groups: int = 1, bias: bool = False) -> None:
+        super().__init__()
+        self.conv = _CONV[spatial_dims](in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2,
+                                        groups=groups, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def dwconv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3,
+           bias: bool = False) -> nn.Sequential:
+    """Depthwise convolution then pointwise convolution (``get_dwconv_layer``)."""
+    return nn.Sequential(ConvOnly(spatial_dims, in_channels, in_channels, kernel_size, groups=in_channels, bias=bias),
+                         ConvOnly(spatial_dims, in_channels, out_channels, 1, bias=bias))
+
+
+class MambaLayer(nn.Module):
+    """Tokens of a feature map -> LayerNorm -> Mamba + scaled skip -> LayerNorm -> Linear."""
+
+    def __init__(self, input_dim: int, output_dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2) -> None:
+        super().__init__()
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.norm = nn.LayerNorm(input_dim)
+        self.mamba = Mamba(d_model=input_dim, d_state=d_state, d_conv=d_conv, expand=expand)
+        self.proj = nn.Linear(input_dim, output_dim)
+        self.skip_scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float16:
+            x = x.float()
+        b, c = x.shape[:2]
+        dims = x.shape[2:]
+        flat = x.reshape(b, c, -1).transpose(1, 2)
+        y = self.mamba(self.norm(flat)) + self.skip_scale * flat
+        y = self.proj(self.norm(y))
+        return y.transpose(1, 2).reshape(b, self.output_dim, *dims)
+
+
+def mamba_layer(spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
+    """A :class:`MambaLayer`, followed by max pooling when ``stride`` > 1 (``get_mamba_layer``)."""
+    layer = MambaLayer(in_channels, out_channels)
+    if stride == 1:
+        return layer
+    return nn.Sequential(layer, _POOL[spatial_dims](kernel_size=stride, stride=stride))
+
+
+class ResMambaBlock(nn.Module):
+    """Residual vision-Mamba block: (GroupNorm, ReLU, MambaLayer) x 2 plus identity."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, num_groups: int = 8) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, in_channels)
+        self.norm2 = nn.GroupNorm(num_groups, in_channels)
+        self.act = nn.ReLU()
+        self.conv1 = mamba_layer(spatial_dims, in_channels, in_channels)
+        self.conv2 = mamba_layer(spatial_dims, in_channels, in_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(self.act(self.norm1(x)))
+        y = self.conv2(self.act(self.norm2(y)))
+        return y + x
+
+
+class ResUpBlock(nn.Module):
+    """Decoder block: GroupNorm, ReLU, depthwise-separable conv + scaled identity, GroupNorm, ReLU."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, num_groups: int = 8, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, in_channels)
+        self.norm2 = nn.GroupNorm(num_groups, in_channels)
+        self.act = nn.ReLU()
+        self.conv = dwconv(spatial_dims, in_channels, in_channels, kernel_size)
+        self.skip_scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.act(self.norm1(x))) + self.skip_scale * x
+        return self.act(self.norm2(y))
+
+
+class Upsample(nn.Module):
+    """Parameter-free (bi/tri)linear x2 upsampling, ``align_corners=False`` (MONAI non-trainable mode)."""
+
+    def __init__(self, spatial_dims: int) -> None:
+        super().__init__()
+        self.mode = "bilinear" if spatial_dims == 2 else "trilinear"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2, mode=self.mode, align_corners=False)
+
+
+class LightMUNet(nn.Module):
+    """LightM-UNet; input (B, in_channels, *spatial), output logits (B, out_channels, *spatial)."""
+
+    def __init__(self, spatial_dims: int = 3, init_filters: int = 8, in_channels: int = 1, out_channels: int = 2,
+                 dropout_prob: float | None = None, num_groups: int = 8, use_conv_final: bool = True,
+                 blocks_down: tuple[int, ...] = (1, 2, 2, 4), blocks_up: tuple[int, ...] = (1, 1, 1)) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError("spatial_dims must be 2 or 3")
+        if len(blocks_up) != len(blocks_down) - 1:
+            raise ValueError("blocks_up needs one entry per downsampling step (len(blocks_down) - 1)")
+        self.arch_config = {"spatial_dims": spatial_dims, "init_filters": init_filters, "in_channels": in_channels,
+                            "out_channels": out_channels, "dropout_prob": dropout_prob, "num_groups": num_groups,
+                            "use_conv_final": use_conv_final, "blocks_down": list(blocks_down),
+                            "blocks_up": list(blocks_up)}
+        self.spatial_dims = spatial_dims
+        self.init_filters = init_filters
+        self.in_channels = in_channels
+        self.blocks_down = tuple(blocks_down)
+        self.blocks_up = tuple(blocks_up)
+        self.dropout_prob = dropout_prob
+        self.use_conv_final = use_conv_final
+        self.stride = 2 ** (len(blocks_down) - 1)
+        self.convInit = dwconv(spatial_dims, in_channels, init_filters)
+        self.down_layers = nn.ModuleList()
+        for i, n in enumerate(blocks_down):
+            ch = init_filters * 2 ** i
+            down = mamba_layer(spatial_dims, ch // 2, ch, stride=2) if i > 0 else nn.Identity()
+            self.down_layers.append(nn.Sequential(down, *[ResMambaBlock(spatial_dims, ch, num_groups) for _ in range(n)]))
+        self.up_layers, self.up_samples = nn.ModuleList(), nn.ModuleList()
+        for i, n in enumerate(blocks_up):
+            ch = init_filters * 2 ** (len(blocks_up) - i)
+            self.up_layers.append(nn.Sequential(*[ResUpBlock(spatial_dims, ch // 2, num_groups) for _ in range(n)]))
+            self.up_samples.append(nn.Sequential(ConvOnly(spatial_dims, ch, ch // 2, 1), Upsample(spatial_dims)))
+        self.conv_final = nn.Sequential(nn.GroupNorm(num_groups, init_filters), nn.ReLU(),
+                                        dwconv(spatial_dims, init_filters, out_channels, kernel_size=1, bias=True))
+        if dropout_prob is not None:
+            self.dropout = (nn.Dropout2d if spatial_dims == 2 else nn.Dropout3d)(dropout_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bad = [s for s in x.shape[2:] if s % self.stride]
+        if x.dim() != self.spatial_dims + 2 or bad:
+            raise ValueError(f"LightMUNet expects (B, C) + {self.spatial_dims} spatial axes, each "
+                             f"divisible by {self.stride}; got {tuple(x.shape)}")
+        x = self.convInit(x)
+        if self.dropout_prob is not None:
+            x = self.dropout(x)
+        skips = []
+        for down in self.down_layers:
+            x = down(x)
+            skips.append(x)
+        skips.reverse()
+        for i, (up, layer) in enumerate(zip(self.up_samples, self.up_layers)):
+            x = layer(up(x) + skips[i + 1])
+        return self.conv_final(x) if self.use_conv_final else x

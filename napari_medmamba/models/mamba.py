@@ -1,0 +1,108 @@
+"""The Mamba (S6) block, with the parameter names, shapes and initialisation of
+``mamba_ssm.modules.mamba_simple.Mamba``; forward is that module's non-fused path.
+
+Every selective-scan call made by the models of this package goes through :func:`selective_scan`,
+so that :mod:`napari_medmamba.models.scan_shapes` can record the calls without running them.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ssm as _ssm
+
+__all__ = ["Mamba", "selective_scan", "scan_override", "dt_bias_init"]
+
+_OVERRIDE: list[Callable[..., torch.Tensor]] = []
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                   delta_bias: torch.Tensor | None = None, delta_softplus: bool = False) -> torch.Tensor:
+    """``napari_medmamba.ssm.selective_scan_fn`` (or the innermost :func:`scan_override` function)."""
+    fn = _OVERRIDE[-1] if _OVERRIDE else _ssm.selective_scan_fn
+    return fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+
+
+@contextmanager
+def scan_override(fn: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """Within the block, the models' selective-scan calls go to ``fn`` (same signature)."""
+    _OVERRIDE.append(fn)
+    try:
+        yield
+    finally:
+        _OVERRIDE.remove(fn)
+
+
+def dt_bias_init(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float,
+                 device=None, dtype=None) -> torch.Tensor:
+    """A bias whose softplus is log-uniform in [dt_min, dt_max] (inverse softplus of a sampled dt)."""
+    dt = torch.exp(torch.rand(d_inner, device=device, dtype=dtype) * (math.log(dt_max) - math.log(dt_min))
+                   + math.log(dt_min)).clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class Mamba(nn.Module):
+    """Mamba block on (batch, length, d_model) sequences; state dict compatible with mamba_ssm's ``Mamba``."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
+                 conv_bias: bool = True, bias: bool = False, use_fast_path: bool = True,
+                 layer_idx: int | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.use_fast_path = use_fast_path  # accepted for compatibility; the non-fused path is always used
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **fk)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias, **fk)
+        self.activation = "silu"
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **fk)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **fk)
+
+        std = self.dt_rank ** -0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        else:
+            raise ValueError(f"dt_init must be 'random' or 'constant', not {dt_init!r}")
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt_bias_init(self.d_inner, dt_min, dt_max, dt_init_floor, **fk))
+        self.dt_proj.bias._no_reinit = True
+
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model)."""
+        batch, seqlen, _ = hidden_states.shape
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
+        x, z = xz.chunk(2, dim=1)
+        x = self.act(self.conv1d(x)[..., :seqlen])
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, r + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, d_inner, L); bias goes in as delta_bias
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan(x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+                           self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        return self.out_proj(y.transpose(1, 2))

@@ -1,0 +1,204 @@
+"""Host side of the Triton selective scan: launches, and the torch.autograd.Function.
+
+Imports triton (through the kernel modules): import only after ``is_available()`` said yes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backward import _bwd_tile_adjoint_kernel, _bwd_tile_grad_kernel
+from .forward import LOG2E, _chunk_combine_kernel, _chunk_state_kernel, _scan_out_kernel
+from .launch import ScanConfig, choose_config, next_pow2
+
+
+def _contig_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _bc_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, group, n) strides of B/C given as (b, N, L) or (b, G, N, L)."""
+    if x.dim() == 3:
+        return x.stride(0), 0, x.stride(1)
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _combine(x: torch.Tensor, dsum: torch.Tensor, A2: torch.Tensor, dim: int, n_state: int,
+             reverse: bool, cfg: ScanConfig) -> torch.Tensor:
+    n_lanes = x.shape[0] * x.shape[1] * x.shape[2]
+    n_chunks = x.shape[-1]
+    out = torch.empty_like(x)
+    cb = min(cfg.combine_cb, max(2, next_pow2(n_chunks)))
+    grid = (triton_cdiv(n_lanes, cfg.combine_lanes),)
+    _chunk_combine_kernel[grid](x, dsum, A2, out, n_lanes, dim, n_state, n_chunks,
+                                REVERSE=reverse, BLOCK_LANES=cfg.combine_lanes, CB=cb,
+                                num_warps=4)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, save_states: bool,
+                 return_last: bool, cfg: ScanConfig | None = None, **override):
+    """Run the forward passes. Returns (out, last_state or None, tile-start states or None, cfg)."""
+    batch, dim, length = u.shape
+    n_state = A.shape[1]
+    groups = 1 if B.dim() == 3 else B.shape[1]
+    if cfg is None:
+        cfg = choose_config(batch, dim, length, n_state, groups, u.device, **override)
+    dpg = dim // groups
+    T, bd = cfg.T, cfg.block_d
+    bn = next_pow2(n_state)
+    chunk_len = cfg.chunk_tiles * T
+    n_chunks = max(1, triton_cdiv(length, chunk_len))
+    n_tiles = max(1, triton_cdiv(length, T))
+    A2 = (A.float() * LOG2E).contiguous()
+    bias = delta_bias.float().contiguous() if delta_bias is not None else A2
+    Dp = D.float().contiguous() if D is not None else A2
+    zz = z if z is not None else u
+    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    f32 = dict(dtype=torch.float32, device=u.device)
+    send = A2
+    if n_chunks > 1:
+        hend = torch.empty(batch, dim, n_state, n_chunks, **f32)
+        dsum = torch.empty(batch, dim, n_chunks, **f32)
+        _chunk_state_kernel[(n_chunks, batch * (dim // bd))](
+            u, delta, A2, B, bias, hend, dsum, dim, length, n_state, dpg, chunk_len,
+            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *_bc_strides(B),
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+            BLOCK_D=bd, BLOCK_N=bn, T=T, num_warps=cfg.num_warps)
+        send = _combine(hend, dsum, A2, dim, n_state, False, cfg)
+    hs = torch.empty(batch, dim, n_state, n_tiles, **f32) if save_states else A2
+    last = torch.empty(batch, dim, n_state, **f32) if return_last else A2
+    _scan_out_kernel[(n_chunks, batch * (dim // bd))](
+        u, delta, A2, B, C, Dp, zz, bias, send, out, hs, last,
+        dim, length, n_state, dpg, chunk_len, n_tiles,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *_bc_strides(B),
+        *_bc_strides(C), zz.stride(0), zz.stride(1), out.stride(0), out.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus, HAS_CARRY=n_chunks > 1, SAVE_STATES=save_states,
+        SAVE_LAST=return_last, BLOCK_D=bd, BLOCK_N=bn, T=T, num_warps=cfg.num_warps)
+    return out, (last if return_last else None), (hs if save_states else None), cfg
+
+
+def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool, hs: torch.Tensor,
+                  cfg: ScanConfig):
+    """All gradients (du, ddelta, dA, dB, dC, dD, dz, d_delta_bias); None for absent inputs."""
+    batch, dim, length = u.shape
+    n_state = A.shape[1]
+    groups = 1 if B.dim() == 3 else B.shape[1]
+    dpg = dim // groups
+    T, bn = cfg.T, next_pow2(n_state)
+    n_tiles = hs.shape[-1]
+    dout = _contig_last(dout)
+    A2 = (A.float() * LOG2E).contiguous()
+    bias = delta_bias.float().contiguous() if delta_bias is not None else A2
+    Dp = D.float().contiguous() if D is not None else A2
+    zz = z if z is not None else u
+    f32 = dict(dtype=torch.float32, device=u.device)
+    bd = cfg.block_d
+    if n_tiles > 1:
+        E = torch.empty(batch, dim, n_state, n_tiles, **f32)
+        dsum = torch.empty(batch, dim, n_tiles, **f32)
+        _bwd_tile_adjoint_kernel[(n_tiles, batch * (dim // bd))](
+            delta, A2, C, zz, bias, dout, E, dsum, dim, length, n_state, dpg,
+            delta.stride(0), delta.stride(1), *_bc_strides(C), zz.stride(0), zz.stride(1),
+            dout.stride(0), dout.stride(1),
+            HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+            BLOCK_D=bd, BLOCK_N=bn, T=T, num_warps=cfg.num_warps)
+        R = _combine(E, dsum, A2, dim, n_state, True, cfg)
+    else:
+        R = A2  # never read: a single tile has no right carry
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else A2
+    split, bdb = cfg.bwd_split, cfg.bwd_block_d
+    sub = dpg // (split * bdb)
+    dA_p = torch.empty(batch, n_tiles, dim, n_state, **f32)
+    dD_p = torch.empty(batch, n_tiles, dim, **f32) if D is not None else A2
+    db_p = torch.empty(batch, n_tiles, dim, **f32) if delta_bias is not None else A2
+    dB_p = torch.empty(batch, split, groups, n_state, length, **f32)
+    dC_p = torch.empty(batch, split, groups, n_state, length, **f32)
+    _bwd_tile_grad_kernel[(n_tiles, batch * groups * split)](
+        u, delta, A2, B, C, Dp, zz, bias, dout, hs, R,
+        du, ddelta, dz, dA_p, dD_p, db_p, dB_p, dC_p,
+        dim, length, n_state, dpg, split,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *_bc_strides(B),
+        *_bc_strides(C), zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus, BLOCK_D=bdb, BLOCK_N=bn, T=T, SUB=sub, num_warps=cfg.bwd_num_warps)
+    dA = dA_p.sum((0, 1)).to(A.dtype)
+    dB = dB_p.sum(1)
+    dC = dC_p.sum(1)
+    dB = (dB[:, 0] if B.dim() == 3 else dB).to(B.dtype)
+    dC = (dC[:, 0] if C.dim() == 3 else dC).to(C.dtype)
+    dD = dD_p.sum((0, 1)).to(D.dtype) if D is not None else None
+    dbias = db_p.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, (dz if z is not None else None), dbias
+
+
+class SelectiveScanTriton(torch.autograd.Function):
+    """Forward and backward through the Triton kernels; the last state is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, return_last, override):
+        out, last, hs, cfg = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, True,
+                                          return_last, **(override or {}))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hs)
+        ctx.softplus = softplus
+        ctx.cfg = cfg
+        if return_last:
+            ctx.mark_non_differentiable(last)
+            return out, last
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, *rest):
+        u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
+        grads = scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, hs,
+                              ctx.cfg)
+        return (*grads, None, None, None)
+
+
+def _prep(u, delta, A, B, C, D, z, delta_bias):
+    if not u.is_cuda and not _interpreting():
+        raise ValueError("the Triton selective scan needs CUDA tensors")
+    if A.is_complex():
+        raise NotImplementedError("the Triton selective scan supports real A only")
+    u, delta = _contig_last(u), _contig_last(delta)
+    B, C = _contig_last(B), _contig_last(C)
+    z = _contig_last(z) if z is not None else None
+    dim = u.shape[1]
+    for name, x in (("B", B), ("C", C)):
+        if x.dim() == 4 and dim % x.shape[1]:
+            raise ValueError(f"{name} has {x.shape[1]} groups, which do not divide dim={dim}")
+    return u, delta, A, B, C, D, z, delta_bias
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                          delta_softplus=False, return_last_state=False, *, config=None):
+    """mamba_ssm ``selective_scan_fn`` semantics through the chunked Triton kernels.
+
+    ``config``: optional dict overriding launch parameters (see ``launch.ScanConfig``).
+    Differentiable in every tensor argument; the returned last state is not.
+    """
+    u, delta, A, B, C, D, z, delta_bias = _prep(u, delta, A, B, C, D, z, delta_bias)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    if needs_grad:
+        return SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias,
+                                         bool(delta_softplus), bool(return_last_state), config)
+    out, last, _, _ = scan_forward(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                   False, bool(return_last_state), **(config or {}))
+    return (out, last) if return_last_state else out
+
+
+__all__ = ["selective_scan_triton", "SelectiveScanTriton", "scan_forward", "scan_backward"]

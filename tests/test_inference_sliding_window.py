@@ -1,0 +1,59 @@
+"""Window placement, Gaussian weights and exact blending of the sliding window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medmamba.inference.sliding_window import gaussian_importance, sliding_window, tile_grid, tile_starts
+
+
+def test_gaussian_importance_peaks_in_the_centre() -> None:
+    w = gaussian_importance((5, 8, 9)).numpy()
+    assert w.shape == (5, 8, 9) and w.max() == pytest.approx(1.0) and w.min() > 0
+    assert w[2, 3, 4] == w.max() and w[0, 0, 0] == w.min()
+    np.testing.assert_allclose(w, w[::-1, ::-1, ::-1])
+    assert gaussian_importance((1, 4, 4)).shape == (1, 4, 4)
+
+
+@pytest.mark.parametrize("size,patch,overlap", [(10, 10, 0.5), (11, 4, 0.5), (100, 32, 0.25), (33, 16, 0.0), (7, 3, 0.9)])
+def test_tile_starts_cover_the_axis(size: int, patch: int, overlap: float) -> None:
+    starts = tile_starts(size, patch, overlap)
+    assert starts[0] == 0 and starts[-1] == size - patch
+    assert all(b > a for a, b in zip(starts, starts[1:]))
+    assert all(b - a <= patch for a, b in zip(starts, starts[1:]))  # no gaps
+    covered = np.zeros(size, bool)
+    for s in starts:
+        covered[s : s + patch] = True
+    assert covered.all()
+
+
+def test_more_overlap_means_more_tiles() -> None:
+    assert len(tile_grid((100, 64, 64), (32, 32, 32), 0.5)) > len(tile_grid((100, 64, 64), (32, 32, 32), 0.25))
+
+
+def _pointwise(batch: torch.Tensor) -> torch.Tensor:
+    """Probabilities that depend only on each voxel's value: blending must reproduce them exactly."""
+    return torch.softmax(torch.cat([torch.zeros_like(batch), batch, -batch], dim=1), dim=1)
+
+
+@pytest.mark.parametrize("shape", [(9, 20, 13), (3, 5, 6), (1, 40, 7)])
+def test_blending_is_exact_for_a_pointwise_predictor(shape: tuple[int, int, int]) -> None:
+    image = torch.from_numpy(np.random.default_rng(1).normal(size=(1, *shape)).astype(np.float32))
+    sizes: list[int] = []
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        sizes.append(batch.shape[0])
+        return _pointwise(batch)
+
+    seen: list[float] = []
+    probs = sliding_window(image, predict, lambda: 3, (1, 8, 8) if shape[0] == 1 else (4, 8, 8), 0.5, 3, seen.append)
+    assert probs.shape == (3, *shape)
+    torch.testing.assert_close(probs, _pointwise(image[None])[0], atol=1e-6, rtol=0)
+    assert max(sizes) <= 3 and seen[-1] == 1.0 and seen == sorted(seen)
+
+
+def test_overlap_out_of_range_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        sliding_window(torch.zeros(1, 4, 4, 4), _pointwise, lambda: 1, (4, 4, 4), 1.0, 3)

@@ -1,0 +1,53 @@
+"""Every registered model: contract sanity, forward and backward on CPU at a small input size."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from napari_medmamba.models import REGISTRY, build_model, get_model_spec
+
+SMALL = {2: {"lightm_unet_2d": (16, 8), "mhs_vm_2d": (32, 32)}, 3: {"lightm_unet_3d": (8, 8, 8),
+                                                                      "unet_3d": (8, 16, 8)}}
+
+
+def test_expected_models_registered() -> None:
+    assert {"lightm_unet_3d", "lightm_unet_2d", "mhs_vm_2d", "unet_3d"} <= set(REGISTRY)
+    with pytest.raises(KeyError, match="lightm_unet_3d"):
+        build_model("no_such_model")
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_contract(name: str) -> None:
+    spec = get_model_spec(name)
+    c = spec.contract
+    assert c.label_names[0] == "background" and len(c.label_colors) == c.num_classes
+    assert all(re.fullmatch(r"#[0-9a-f]{6}", col) for col in c.label_colors)
+    assert len(set(c.label_colors)) == c.num_classes
+    assert len(c.patch_size) == c.spatial_dims
+    model = build_model(name)
+    assert all(s % model.stride == 0 for s in c.patch_size), (c.patch_size, model.stride)
+    assert spec.weights is None
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_forward_backward(name: str) -> None:
+    torch.manual_seed(0)
+    spec = get_model_spec(name)
+    c = spec.contract
+    spatial = SMALL[c.spatial_dims].get(name) or tuple(8 for _ in range(c.spatial_dims))
+    model = build_model(name).train()
+    x = torch.randn(2, c.in_channels, *spatial)
+    y = model(x)
+    assert y.shape == (2, c.num_classes, *spatial)
+    assert torch.isfinite(y).all()
+    target = torch.randint(0, c.num_classes, (2, *spatial))
+    torch.nn.functional.cross_entropy(y, target).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert no_grad == []
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
+    assert bad == []
+    zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+    assert len(zero) <= 0.05 * len(list(model.parameters())), zero
