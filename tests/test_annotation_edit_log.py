@@ -11,12 +11,13 @@ SHAPE = (6, 5, 4)
 
 
 def _flat(*coords: tuple[int, int, int]) -> np.ndarray:
-    return np.ravel_multi_index(tuple(np.array(c) for c in zip(*coords)), SHAPE)
+    return np.ravel_multi_index(tuple(np.array(c) for c in zip(*coords, strict=True)), SHAPE)
 
 
 def test_record_marks_edited_voxels_and_touched_slices() -> None:
     log = EditLog(SHAPE)
-    change = log.record("paint", _flat((1, 0, 0), (3, 2, 1), (3, 4, 3)), labels=[2], replaced=[0], axis=0, timestamp=5.0)
+    voxels = _flat((1, 0, 0), (3, 2, 1), (3, 4, 3))
+    change = log.record("paint", voxels, labels=[2], replaced=[0], axis=0, timestamp=5.0)
     assert change.edit.slices == (1, 3)
     assert change.edit.voxels_changed == 3
     assert change.edit.labels == (2,) and change.edit.replaced == (0,)

@@ -235,9 +235,8 @@ class AutosaveSession:
                 fh.write(buffer.getbuffer())
 
             try:
-                first = self._saved_version is None and not self.path.exists()
                 _make_private_folder(self.folder)
-                if first:
+                if self._saved_version is None:  # first save of this session: drop a crashed one's temp files
                     remove_stale_temp_files(self.path)
                 atomic_write(self.path, write, mode=0o600)
             except OSError as exc:
@@ -283,7 +282,7 @@ class AutosaveSession:
                 if self.on_error is not None:
                     self.on_error(exc)
 
-    def __enter__(self) -> "AutosaveSession":
+    def __enter__(self) -> AutosaveSession:
         self.start()
         return self
 

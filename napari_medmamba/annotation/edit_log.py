@@ -72,7 +72,7 @@ class Edit:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Edit":
+    def from_dict(cls, data: dict[str, Any]) -> Edit:
         return cls(
             timestamp=float(data["timestamp"]),
             kind=str(data["kind"]),
@@ -277,7 +277,7 @@ class EditLog:
         return buffer.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "EditLog":
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> EditLog:
         """Inverse of :meth:`to_bytes`; ``source`` names the origin in error messages."""
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
@@ -303,7 +303,7 @@ class EditLog:
         return atomic_write(path, self.to_bytes())
 
     @classmethod
-    def load(cls, path: str | PathLike[str]) -> "EditLog":
+    def load(cls, path: str | PathLike[str]) -> EditLog:
         try:
             data = Path(path).read_bytes()
         except OSError as exc:

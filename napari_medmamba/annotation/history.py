@@ -16,6 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
 import numpy as np
 
 from .edit_log import Edit, EditLog, LogChange, compact_indices
@@ -50,7 +51,7 @@ def _region_indices(shape: tuple[int, ...], region: Region, local_flat: np.ndarr
     starts = [s.start for s in region]
     sizes = [s.stop - s.start for s in region]
     local = np.unravel_index(local_flat, sizes)
-    return np.ravel_multi_index(tuple(c + o for c, o in zip(local, starts)), shape)
+    return np.ravel_multi_index(tuple(c + o for c, o in zip(local, starts, strict=True)), shape)
 
 
 def _as_label_values(values: object, dtype: np.dtype) -> np.ndarray:
@@ -297,7 +298,7 @@ class LabelHistory:
         if len(region) != 3:
             raise ValueError("region needs one slice per axis (z, y, x)")
         out: list[slice] = []
-        for s, n in zip(region, self.labels.shape):
+        for s, n in zip(region, self.labels.shape, strict=True):
             start, stop, step = s.indices(n)
             if step != 1:
                 raise ValueError("region slices must have step 1")

@@ -73,7 +73,12 @@ def _source_datasets(source: Volume, path: Path) -> list[Any]:
     if len(info.files) != source.shape[0]:
         raise DicomSourceError(path, f"the source lists {len(info.files)} DICOM files for {source.shape[0]} slices")
     uids = derived_source_uids(info)
-    missing = [k for k, v in (("StudyInstanceUID", info.study_instance_uid), ("SeriesInstanceUID", info.series_instance_uid), ("FrameOfReferenceUID", info.frame_of_reference_uid)) if not v]
+    given = {
+        "StudyInstanceUID": info.study_instance_uid,
+        "SeriesInstanceUID": info.series_instance_uid,
+        "FrameOfReferenceUID": info.frame_of_reference_uid,
+    }
+    missing = [key for key, value in given.items() if not value]
     if missing:
         warnings.warn(
             f"the source series has no {', '.join(missing)}; the DICOM-SEG uses derived UIDs "
@@ -139,7 +144,9 @@ def export_dicom_seg(
     if source.dicom is None:
         where = f"{source.path}" if source.path is not None else "the source volume"
         raise DicomSourceError(
-            path, f"DICOM-SEG needs a DICOM source series, but {where} was not read from DICOM; export NIfTI/NRRD instead"
+            path,
+            f"DICOM-SEG needs a DICOM source series, but {where} was not read from DICOM; "
+            "export NIfTI/NRRD instead",
         )
     hd = _highdicom()
     from pydicom.sr.codedict import codes

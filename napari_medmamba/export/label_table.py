@@ -88,14 +88,28 @@ class LabelStats:
     bbox_max_mm: tuple[float, float, float] | None
 
 
-def physical_bounds(bbox: tuple[slice, slice, slice], geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
-    """Min and max LPS (x, y, z) mm over the voxel centres of a (z, y, x) index box."""
-    z, y, x = bbox
-    corners = np.array(
-        [[i, j, k, 1.0] for i in (x.start, x.stop - 1) for j in (y.start, y.stop - 1) for k in (z.start, z.stop - 1)]
-    )
-    physical = corners @ geometry.index_to_physical_matrix().T
-    return physical[:, :3].min(axis=0), physical[:, :3].max(axis=0)
+def physical_bounds(
+    bbox: tuple[slice, slice, slice], geometry: Geometry, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max LPS (x, y, z) mm over voxel centres of a (z, y, x) index box.
+
+    For an axis-aligned grid the box corners give the answer; for an oblique one the
+    voxels of ``mask`` (the label within the box) are used, when given.
+    """
+    matrix = geometry.index_to_physical_matrix()
+    direction = geometry.direction_matrix
+    axis_aligned = np.allclose(np.abs(direction), np.round(np.abs(direction)), atol=1e-6)
+    offset = np.array([bbox[2].start, bbox[1].start, bbox[0].start], dtype=float)
+    if axis_aligned or mask is None:
+        z, y, x = bbox
+        points = np.array(
+            [[i, j, k] for i in (x.start, x.stop - 1) for j in (y.start, y.stop - 1) for k in (z.start, z.stop - 1)],
+            dtype=float,
+        )
+    else:
+        points = np.argwhere(mask)[:, ::-1] + offset
+    physical = points @ matrix[:3, :3].T + matrix[:3, 3]
+    return physical.min(axis=0), physical.max(axis=0)
 
 
 def label_stats(
@@ -116,7 +130,7 @@ def label_stats(
         count = int(counts[value]) if value < counts.size else 0
         lo = hi = None
         if box is not None and count:
-            lo_arr, hi_arr = physical_bounds(box, geometry)
+            lo_arr, hi_arr = physical_bounds(box, geometry, labels[box] == value)
             lo, hi = tuple(float(v) for v in lo_arr), tuple(float(v) for v in hi_arr)
         out.append(
             LabelStats(

@@ -57,8 +57,8 @@ def write_obj(
     """Write a Wavefront OBJ (vertices and 1-based triangle faces)."""
     out = io.BytesIO()
     for line in comment.splitlines():
-        out.write(f"# {line}\n".encode("utf-8"))
-    out.write(f"o {name}\n".encode("utf-8"))
+        out.write(f"# {line}\n".encode())
+    out.write(f"o {name}\n".encode())
     np.savetxt(out, vertices, fmt="v %.5f %.5f %.5f")
     np.savetxt(out, np.asarray(faces, dtype=np.int64) + 1, fmt="f %d %d %d")
     return atomic_write(path, out.getvalue())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime, timezone
 from os import PathLike
 from pathlib import Path
@@ -71,7 +72,7 @@ def export_summary_json(
         raise ExportError(path, f"cannot read the weights file ({exc.strerror or exc})") from None
     except ValueError as exc:
         raise ExportError(path, str(exc)) from None
-    if weights_sha256 is not None and (len(weights_sha256) != 64 or not all(c in "0123456789abcdef" for c in weights_sha256.lower())):
+    if weights_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", weights_sha256):
         raise ExportError(path, f"weights_sha256 is not a SHA-256 hex digest: {weights_sha256!r}")
 
     entries: list[dict[str, Any]] = []
@@ -87,7 +88,11 @@ def export_summary_json(
         "format_version": 1,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "software": {"name": "napari-medmamba", "version": __version__},
-        "model": {"name": model_name, "version": model_version, "weights_sha256": weights_sha256 and weights_sha256.lower()},
+        "model": {
+            "name": model_name,
+            "version": model_version,
+            "weights_sha256": weights_sha256.lower() if weights_sha256 else None,
+        },
         "labels": entries,
     }
     if geometry is not None:

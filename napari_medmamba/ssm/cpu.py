@@ -1,7 +1,7 @@
 """Fast CPU selective scan: numba kernels (parallel over batch x channel slices) + PyTorch autograd.
 
 Forward: one sequential pass per channel with an fp32 state and a vectorised polynomial exp
-(float64 inputs compute in float64). Backward: recomputes each chunk's states from
+(float64 inputs compute in float64); bias, softplus, D and the SiLU(z) gate are fused in. Backward: recomputes each chunk's states from
 checkpoints saved every ``CHUNK`` steps, then runs the adjoint recurrence backwards.
 numba is imported lazily; without it ``selective_scan_cpu`` raises ``ImportError`` saying
 what to install.
@@ -54,20 +54,22 @@ class NumbaScanCore:
         groups = Bt.shape[1]
         return _slices(batch, groups, dim // groups, self.kernels.num_threads())
 
-    def forward(self, u, dt, A, Bt, Ct, need_backward: bool):
-        slices = self._slices_for(u, Bt)
-        y, checkpoints, last = self.kernels.scan_forward(
-            u.numpy(), dt.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), slices, self.chunk, need_backward)
-        return torch.from_numpy(y), torch.from_numpy(last), checkpoints
+    def forward(self, u, delta, A, Bt, Ct, D, z, delta_bias, softplus: bool, need_backward: bool):
+        out, last, saved = self.kernels.scan_forward(
+            u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), _numpy(D), _numpy(z),
+            _numpy(delta_bias), softplus, self._slices_for(u, Bt), self.chunk, need_backward)
+        return torch.from_numpy(out), torch.from_numpy(last), saved
 
-    def backward(self, u, dt, A, Bt, Ct, saved: Any, dy, d_last):
-        if d_last is None:
-            d_last = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=u.dtype)
-        slices = self._slices_for(u, Bt)
+    def backward(self, u, delta, A, Bt, Ct, D, z, delta_bias, softplus: bool, saved: Any, dout, d_last):
         grads = self.kernels.scan_backward(
-            u.numpy(), dt.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), dy.numpy(), saved,
-            d_last.numpy(), slices, self.chunk)
-        return tuple(torch.from_numpy(g) for g in grads)
+            u.numpy(), delta.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), _numpy(D), _numpy(z),
+            _numpy(delta_bias), softplus, self._slices_for(u, Bt), self.chunk, saved, dout.numpy(),
+            _numpy(d_last))
+        return tuple(None if g is None else torch.from_numpy(g) for g in grads)
+
+
+def _numpy(t: torch.Tensor | None):
+    return None if t is None else t.numpy()
 
 
 def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

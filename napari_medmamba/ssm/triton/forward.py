@@ -23,6 +23,18 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
+def _col(h, offs_n, n):
+    """Column n of a (BLOCK_D, BLOCK_N) tile."""
+    return tl.sum(tl.where(offs_n[None, :] == n, h, 0.0), axis=1)
+
+
+@triton.jit
+def _set_col(h, offs_n, n, v):
+    """The tile h with column n replaced by v."""
+    return tl.where(offs_n[None, :] == n, v[:, None], h)
+
+
+@triton.jit
 def _softplus(x):
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
@@ -53,7 +65,8 @@ def _chunk_state_kernel(
     """Pass 1: state at the end of each chunk starting from zero, and the chunk's delta sum.
 
     h_end = sum_t exp(A (S_end - S_t)) delta_t u_t B_t, with S the running delta sum, so no
-    scan is needed here. Grid: (n_chunks, batch * dim // BLOCK_D).
+    scan is needed here; (BLOCK_D, T) tiles, one state column n at a time.
+    Grid: (n_chunks, batch * dim // BLOCK_D).
     """
     pid_c = tl.program_id(0)
     pid_bd = tl.program_id(1)
@@ -66,13 +79,12 @@ def _chunk_state_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, T)
     mask_n = offs_n < N
-    A2 = tl.load(A2_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0)
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d).to(tl.float32)
     u_base = u_ptr + b * s_ub
     d_base = delta_ptr + b * s_db
-    B_base = B_ptr + b * s_Bb + g * s_Bg + offs_n[:, None] * s_Bn
+    B_base = B_ptr + b * s_Bb + g * s_Bg
     h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     tot = tl.zeros([BLOCK_D], dtype=tl.float32)
     t0 = pid_c * chunk_len
@@ -83,13 +95,14 @@ def _chunk_state_kernel(
         dl, _ = _load_delta(d_base, offs_d, t, mask_t, bias, s_dd, HAS_BIAS, SOFTPLUS)
         uu = tl.load(u_base + offs_d[:, None] * s_ud + t[None, :], mask=mask_t[None, :],
                      other=0.0).to(tl.float32)
-        Bt = tl.load(B_base + t[None, :], mask=mask_n[:, None] & mask_t[None, :],
-                     other=0.0).to(tl.float32)
-        S = tl.cumsum(dl, axis=1)
+        dlu = dl * uu
         tt = tl.sum(dl, axis=1)
-        w = tl.exp2(A2[:, :, None] * (tt[:, None] - S)[:, None, :])
-        contrib = tl.sum(w * (dl * uu)[:, None, :] * Bt[None, :, :], axis=2)
-        h = tl.exp2(A2 * tt[:, None]) * h + contrib
+        rem = tt[:, None] - tl.cumsum(dl, axis=1)
+        for n in range(0, N):
+            a2n = tl.load(A2_ptr + offs_d * N + n)
+            Bn = tl.load(B_base + n * s_Bn + t, mask=mask_t, other=0.0).to(tl.float32)
+            contrib = tl.sum(tl.exp2(a2n[:, None] * rem) * dlu * Bn[None, :], axis=1)
+            h = _set_col(h, offs_n, n, tl.exp2(a2n * tt) * _col(h, offs_n, n) + contrib)
         tot += tt
     lane = (b * dim + offs_d)[:, None] * N + offs_n[None, :]
     tl.store(hend_ptr + lane * n_chunks + pid_c, h, mask=mask_n[None, :])
@@ -142,9 +155,10 @@ def _scan_out_kernel(
 ):
     """Pass 3: scan each chunk from its carried-in state and write gated y.
 
-    Tiles of T steps go through an associative scan; the state is carried between tiles in
-    registers. With SAVE_STATES the state at every tile start is stored for the backward
-    ((batch, dim, N, n_tiles_total)). Grid: (n_chunks, batch * dim // BLOCK_D).
+    (BLOCK_D, T) tiles; for each state column n an associative scan along T, y accumulated
+    over n in registers; the state is carried between tiles in registers. With SAVE_STATES
+    the state at every tile start is stored for the backward ((batch, dim, N, n_tiles_total)).
+    Grid: (n_chunks, batch * dim // BLOCK_D).
     """
     pid_c = tl.program_id(0)
     pid_bd = tl.program_id(1)
@@ -157,7 +171,6 @@ def _scan_out_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, T)
     mask_n = offs_n < N
-    A2 = tl.load(A2_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0)
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d).to(tl.float32)
@@ -167,12 +180,12 @@ def _scan_out_kernel(
     lane = (b * dim + offs_d)[:, None] * N + offs_n[None, :]
     h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     if HAS_CARRY:
-        h = tl.load(send_ptr + lane * n_chunks + pid_c - 1, mask=(mask_n & (offs_n * 0 + pid_c > 0))[None, :],
-                    other=0.0)
+        h = tl.load(send_ptr + lane * n_chunks + pid_c - 1,
+                    mask=(mask_n & (offs_n * 0 + pid_c > 0))[None, :], other=0.0)
     u_base = u_ptr + b * s_ub
     d_base = delta_ptr + b * s_db
-    B_base = B_ptr + b * s_Bb + g * s_Bg + offs_n[:, None] * s_Bn
-    C_base = C_ptr + b * s_Cb + g * s_Cg + offs_n[:, None] * s_Cn
+    B_base = B_ptr + b * s_Bb + g * s_Bg
+    C_base = C_ptr + b * s_Cb + g * s_Cg
     t0 = pid_c * chunk_len
     n_tiles = tl.cdiv(tl.minimum(chunk_len, L - t0), T)
     for k in range(0, n_tiles):
@@ -183,15 +196,18 @@ def _scan_out_kernel(
         dl, _ = _load_delta(d_base, offs_d, t, mask_t, bias, s_dd, HAS_BIAS, SOFTPLUS)
         uu = tl.load(u_base + offs_d[:, None] * s_ud + t[None, :], mask=mask_t[None, :],
                      other=0.0).to(tl.float32)
-        mask_nt = mask_n[:, None] & mask_t[None, :]
-        Bt = tl.load(B_base + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
-        a = tl.exp2(A2[:, :, None] * dl[:, None, :])
-        bb = (dl * uu)[:, None, :] * Bt[None, :, :]
-        P, H = tl.associative_scan((a, bb), axis=2, combine_fn=_combine)
-        hh = H + P * h[:, :, None]
-        y = tl.sum(hh * Ct[None, :, :], axis=1)
-        h = tl.sum(tl.where((offs_t == T - 1)[None, None, :], hh, 0.0), axis=2)
+        dlu = dl * uu
+        y = tl.zeros([BLOCK_D, T], dtype=tl.float32)
+        for n in range(0, N):
+            a2n = tl.load(A2_ptr + offs_d * N + n)
+            Bn = tl.load(B_base + n * s_Bn + t, mask=mask_t, other=0.0).to(tl.float32)
+            Cn = tl.load(C_base + n * s_Cn + t, mask=mask_t, other=0.0).to(tl.float32)
+            a = tl.exp2(a2n[:, None] * dl)
+            P, H = tl.associative_scan((a, dlu * Bn[None, :]), axis=1, combine_fn=_combine)
+            hh = H + P * _col(h, offs_n, n)[:, None]
+            y += hh * Cn[None, :]
+            h = _set_col(h, offs_n, n, tl.sum(tl.where((offs_t == T - 1)[None, :], hh, 0.0),
+                                              axis=1))
         if HAS_D:
             y += Dv[:, None] * uu
         if HAS_Z:
