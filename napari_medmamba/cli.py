@@ -210,15 +210,18 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _write_summary_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    import io
+
+    from .atomic_write import atomic_write
+
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue().encode())
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

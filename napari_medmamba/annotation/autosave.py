@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic_write import atomic_write, remove_stale_temp_files
+from ..atomic_write import atomic_write, remove_stale_temp_files
 from .edit_log import EditLog, EditLogError
 from .history import LabelHistory
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic_write import atomic_write
+from ..atomic_write import atomic_write
 
 __all__ = ["EDIT_KINDS", "Edit", "LogChange", "EditLog", "EditLogError"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..annotation.atomic_write import atomic_write
+from ..atomic_write import atomic_write
 
 __all__ = ["face_normals", "signed_volume", "write_stl", "write_obj", "read_stl"]
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..annotation.atomic_write import atomic_write
+from ..atomic_write import atomic_write
 from ..annotation.edit_log import EditLog
 from ..io.volume import Geometry
 from .errors import ExportError

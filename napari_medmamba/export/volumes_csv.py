@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..annotation.atomic_write import atomic_write
+from ..atomic_write import atomic_write
 from ..io.volume import Geometry
 from .errors import ExportError
 from .label_table import LabelNames, label_stats

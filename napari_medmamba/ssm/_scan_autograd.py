@@ -15,21 +15,21 @@ import torch
 
 __all__ = ["ScanCore", "run_scan"]
 
-Optional = torch.Tensor | None
+MaybeTensor = torch.Tensor | None
 
 
 class ScanCore(Protocol):
     """Forward/backward of the scan on contiguous tensors of one dtype (D, z, delta_bias may be None)."""
 
     def forward(self, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor,
-                Ct: torch.Tensor, D: Optional, z: Optional, delta_bias: Optional, softplus: bool,
+                Ct: torch.Tensor, D: MaybeTensor, z: MaybeTensor, delta_bias: MaybeTensor, softplus: bool,
                 need_backward: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Return (out (batch, dim, L), last state (batch, dim, N), whatever backward needs)."""
         ...
 
     def backward(self, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor,
-                 Ct: torch.Tensor, D: Optional, z: Optional, delta_bias: Optional, softplus: bool,
-                 saved: Any, dout: torch.Tensor, d_last: Optional) -> tuple[Optional, ...]:
+                 Ct: torch.Tensor, D: MaybeTensor, z: MaybeTensor, delta_bias: MaybeTensor, softplus: bool,
+                 saved: Any, dout: torch.Tensor, d_last: MaybeTensor) -> tuple[MaybeTensor, ...]:
         """Return (du, ddelta, dA, dBt, dCt, dD, dz, ddelta_bias); dBt, dCt summed per group."""
         ...
 
@@ -64,7 +64,7 @@ def _to_input_layout(grad_t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.to(like.dtype)
 
 
-def _contiguous(t: Optional, dtype: torch.dtype) -> Optional:
+def _contiguous(t: MaybeTensor, dtype: torch.dtype) -> MaybeTensor:
     return None if t is None else t.to(dtype).contiguous()
 
 

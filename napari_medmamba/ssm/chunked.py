@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ._scan_autograd import run_scan
 
@@ -80,7 +81,7 @@ class ChunkedScanCore:
         Cx = Ct.index_select(1, group_of)
         return group_of, decay, drive, Bx, Cx
 
-    def forward(self, u, dt, A, Bt, Ct, need_backward: bool):
+    def _recurrence_forward(self, u, dt, A, Bt, Ct):
         batch, dim, length = u.shape
         n = A.shape[1]
         y = u.new_empty(batch, dim, length)
@@ -91,9 +92,9 @@ class ChunkedScanCore:
             y[:, d0:d1] = (h * Cx).sum(-1)
             if length:
                 last[:, d0:d1] = h[..., -1, :]
-        return y, last, None
+        return y, last
 
-    def backward(self, u, dt, A, Bt, Ct, saved, dy, d_last):
+    def _recurrence_backward(self, u, dt, A, Bt, Ct, dy, d_last):
         du, ddt = torch.empty_like(u), torch.empty_like(u)
         dA = torch.zeros_like(A)
         dBt, dCt = torch.zeros_like(Bt), torch.zeros_like(Ct)
@@ -114,6 +115,35 @@ class ChunkedScanCore:
             ddt[:, d0:d1] = u[:, d0:d1] * adj_b + (d_logdecay * A[None, d0:d1, None, :]).sum(-1)
             dA[d0:d1] = (d_logdecay * step[..., None]).sum((0, 2))
         return du, ddt, dA, dBt, dCt
+
+
+    def forward(self, u, delta, A, Bt, Ct, D, z, delta_bias, softplus: bool, need_backward: bool):
+        x = delta + delta_bias[None, :, None] if delta_bias is not None else delta
+        dt = F.softplus(x) if softplus else x
+        y, last = self._recurrence_forward(u, dt.contiguous(), A, Bt, Ct)
+        if D is not None:
+            y = y + u * D[None, :, None]
+        out = y * F.silu(z) if z is not None else y
+        return out, last, (y if (need_backward and z is not None) else None)
+
+    def backward(self, u, delta, A, Bt, Ct, D, z, delta_bias, softplus: bool, saved, dout, d_last):
+        x = delta + delta_bias[None, :, None] if delta_bias is not None else delta
+        dt = F.softplus(x) if softplus else x
+        dz = None
+        if z is not None:
+            gate = torch.sigmoid(z)
+            dz = dout * saved * gate * (1 + z * (1 - gate))
+            dy = dout * (z * gate)
+        else:
+            dy = dout
+        du, ddt, dA, dBt, dCt = self._recurrence_backward(u, dt.contiguous(), A, Bt, Ct, dy.contiguous(), d_last)
+        dD = None
+        if D is not None:
+            dD = (dy * u).sum((0, 2))
+            du = du + dy * D[None, :, None]
+        ddelta = ddt * torch.sigmoid(x) if softplus else ddt
+        d_bias = ddelta.sum((0, 2)) if delta_bias is not None else None
+        return du, ddelta, dA, dBt, dCt, dD, dz, d_bias
 
 
 def selective_scan_torch(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

@@ -6,7 +6,8 @@ dozen steps already cross several tiles and chunks; benchmarks sweep them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 
 import torch
 
@@ -28,20 +29,22 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 @dataclass(frozen=True)
 class ScanConfig:
-    """Tile length T (steps per associative scan), channels per forward program, tiles per
-    forward chunk, channels per backward sub-block, backward channel splits and warps."""
+    """T: steps per tile (one associative scan; also the backward's tile and the spacing of
+    the states the forward saves). block_d: channels per forward program; chunk_tiles: tiles
+    per forward chunk (one program walks a chunk). bwd_block_d: channels per backward program
+    (a divisor of the channels per group)."""
 
-    T: int = 64
+    T: int = 128
     block_d: int = 4
     chunk_tiles: int = 16
     num_warps: int = 4
-    bwd_block_d: int = 2
-    bwd_split: int = 1
+    bwd_block_d: int = 16
     bwd_num_warps: int = 4
     combine_lanes: int = 64
     combine_cb: int = 32
 
 
+@lru_cache(maxsize=16)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -50,27 +53,24 @@ def _sm_count(device: torch.device) -> int:
 
 def choose_config(batch: int, dim: int, length: int, n_state: int, groups: int,
                   device: torch.device, **override) -> ScanConfig:
-    """Shape-derived parameters: ~4096-element (channels x N x T) tiles per program, enough
-    chunks along the sequence for ~8 programs per SM, one chunk when that is already met."""
-    bn = next_pow2(n_state)
-    T = override.get("T") or max(16, min(64, next_pow2(length)))
+    """Shape-derived parameters: (block_d x T) tiles; enough chunks along the sequence for
+    ~8 programs per SM (one chunk when the channels alone give that); backward programs of
+    up to 2048 channel-steps, split further while there are fewer than ~8 per SM."""
+    dflt = ScanConfig()
+    T = override.get("T") or max(16, min(dflt.T, next_pow2(length)))
     dpg = dim // groups
-    block_d = override.get("block_d") or _pow2_divisor(dpg, max(1, 4096 // (bn * T)))
+    block_d = override.get("block_d") or _pow2_divisor(dpg, dflt.block_d)
     n_tiles = -(-length // T)
-    base = batch * (dim // block_d)
     target = 8 * _sm_count(device)
+    base = batch * (dim // block_d)
     want_chunks = max(1, target // base)
     chunk_tiles = override.get("chunk_tiles") or max(1, -(-n_tiles // want_chunks))
-    bwd_block_d = override.get("bwd_block_d") or _pow2_divisor(dpg, max(1, 2048 // (bn * T)))
-    subs = dpg // bwd_block_d
-    bwd_split = override.get("bwd_split")
-    if not bwd_split:
-        need = max(1, -(-target // max(1, batch * groups * n_tiles)))
-        bwd_split = 1
-        while bwd_split < need and subs % (bwd_split * 2) == 0:
-            bwd_split *= 2
-    cfg = ScanConfig(T=T, block_d=block_d, chunk_tiles=chunk_tiles, bwd_block_d=bwd_block_d,
-                     bwd_split=bwd_split)
-    rest = {k: v for k, v in override.items() if k in ScanConfig.__dataclass_fields__
-            and k not in ("T", "block_d", "chunk_tiles", "bwd_block_d", "bwd_split") and v}
+    bwd_block_d = override.get("bwd_block_d")
+    if not bwd_block_d:
+        bwd_block_d = _pow2_divisor(dpg, max(1, 2048 // T))
+        while bwd_block_d > 1 and n_tiles * batch * (dim // bwd_block_d) < target:
+            bwd_block_d //= 2
+    cfg = ScanConfig(T=T, block_d=block_d, chunk_tiles=chunk_tiles, bwd_block_d=bwd_block_d)
+    rest = {f.name: override[f.name] for f in fields(ScanConfig)
+            if override.get(f.name) and f.name not in ("T", "block_d", "chunk_tiles", "bwd_block_d")}
     return replace(cfg, **rest)
