@@ -152,7 +152,7 @@ def _item_channels(item, groups, slices, per_group):
     return b, g, s, d0, d1
 
 
-@njit(inline="always", fastmath=_FASTMATH)
+@njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
 def _step_sizes(delta, b, d, t0, t1, bias, softplus, steps):
     """steps[j] = softplus?(delta[b, d, t0 + j] + bias) for the chunk [t0, t1)."""
     if softplus:
@@ -163,7 +163,7 @@ def _step_sizes(delta, b, d, t0, t1, bias, softplus, steps):
             steps[t - t0] = delta[b, d, t] + bias
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH, error_model="numpy")
 def _forward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, slices, chunk,
                     out, y_pre, checkpoints, last_state):  # pragma: no cover - compiled
     batch, dim, length = u.shape
@@ -216,7 +216,7 @@ def _forward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, slices, chu
                 last_state[b, d, n] = h[d - d0, n]
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH, error_model="numpy")
 def _backward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, slices, chunk, y_pre, checkpoints,
                      dout, d_last, du, ddelta, dz, dA_part, dBt, dCt, dD_part, dbias_part):  # pragma: no cover
     batch, dim, length = u.shape

@@ -114,8 +114,8 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool, hs:
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else A2
-    bdb = cfg.bwd_block_d
-    split = dpg // bdb
+    bdb, split = cfg.bwd_block_d, cfg.bwd_split
+    sub = dpg // (bdb * split)
     dA_p = torch.empty(batch, n_tiles, dim, n_state, **f32)
     dD_p = torch.empty(batch, n_tiles, dim, **f32) if D is not None else A2
     db_p = torch.empty(batch, n_tiles, dim, **f32) if delta_bias is not None else A2
@@ -128,7 +128,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool, hs:
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *_bc_strides(B),
         *_bc_strides(C), zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=softplus, BLOCK_D=bdb, T=T, num_warps=cfg.bwd_num_warps)
+        SOFTPLUS=softplus, BLOCK_D=bdb, T=T, SUB=sub, num_warps=cfg.bwd_num_warps)
     dA = dA_p.sum((0, 1)).to(A.dtype)
     dB = dB_p.sum(1)
     dC = dC_p.sum(1)

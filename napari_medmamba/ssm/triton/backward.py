@@ -69,13 +69,13 @@ def _bwd_tile_grad_kernel(
     dim, L, N, dpg, n_split,
     s_ub, s_ud, s_db, s_dd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_zb, s_zd, s_gb, s_gd,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, T: tl.constexpr,
+    BLOCK_D: tl.constexpr, T: tl.constexpr, SUB: tl.constexpr,
 ):
     """Backward pass 3: recompute the tile's states, reverse adjoint scan, all gradients.
 
-    A program covers one tile of T steps and BLOCK_D = dpg // n_split channels of one group,
-    one state column n at a time, so the dB/dC partial sums over its channels are written
-    once: (batch, n_split, G, N, L). dA, dD, d_bias partials are written per (batch, tile):
+    A program covers one tile of T steps and dpg // n_split channels of one group, in SUB
+    sub-blocks of BLOCK_D channels, one state column n at a time; its dB/dC partial sums over
+    channels accumulate in program-private rows of (batch, n_split, G, N, L). dA, dD, d_bias partials are written per (batch, tile):
     (batch, n_tiles, dim, N) and (batch, n_tiles, dim). With z, y is recomputed first (one
     more forward scan per column). Grid: (n_tiles, batch * G * n_split).
     """
@@ -92,76 +92,82 @@ def _bwd_tile_grad_kernel(
     mask_t = t < L
     tn = t + 1
     mask_tn = (tn < L) & (offs_t < T - 1)  # the last step's successor belongs to the next tile
-    offs_d = g * dpg + s * BLOCK_D + tl.arange(0, BLOCK_D)
-    B_base = B_ptr + b * s_Bb + g * s_Bg
-    C_base = C_ptr + b * s_Cb + g * s_Cg
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d).to(tl.float32)
-    dl, raw = _load_delta(delta_ptr + b * s_db, offs_d, t, mask_t, bias, s_dd, HAS_BIAS, SOFTPLUS)
-    dln, _ = _load_delta(delta_ptr + b * s_db, offs_d, tn, mask_tn, bias, s_dd, HAS_BIAS,
-                         SOFTPLUS)
-    uu = tl.load(u_ptr + b * s_ub + offs_d[:, None] * s_ud + t[None, :], mask=mask_t[None, :],
-                 other=0.0).to(tl.float32)
-    dout = tl.load(dout_ptr + b * s_gb + offs_d[:, None] * s_gd + t[None, :],
-                   mask=mask_t[None, :], other=0.0).to(tl.float32)
-    dlu = dl * uu
-    lane = (b * dim + offs_d) * N
-    has_right = (offs_d * 0 + pid_c + 1) < n_tiles
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d).to(tl.float32)
-    dy = dout
-    if HAS_Z:
-        y = Dv[:, None] * uu
+    for j in range(0, SUB):
+        offs_d = g * dpg + (s * SUB + j) * BLOCK_D + tl.arange(0, BLOCK_D)
+        B_base = B_ptr + b * s_Bb + g * s_Bg
+        C_base = C_ptr + b * s_Cb + g * s_Cg
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d).to(tl.float32)
+        dl, raw = _load_delta(delta_ptr + b * s_db, offs_d, t, mask_t, bias, s_dd, HAS_BIAS, SOFTPLUS)
+        dln, _ = _load_delta(delta_ptr + b * s_db, offs_d, tn, mask_tn, bias, s_dd, HAS_BIAS,
+                             SOFTPLUS)
+        uu = tl.load(u_ptr + b * s_ub + offs_d[:, None] * s_ud + t[None, :], mask=mask_t[None, :],
+                     other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + b * s_gb + offs_d[:, None] * s_gd + t[None, :],
+                       mask=mask_t[None, :], other=0.0).to(tl.float32)
+        dlu = dl * uu
+        lane = (b * dim + offs_d) * N
+        has_right = (offs_d * 0 + pid_c + 1) < n_tiles
+        Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_D:
+            Dv = tl.load(D_ptr + offs_d).to(tl.float32)
+        dy = dout
+        if HAS_Z:
+            y = Dv[:, None] * uu
+            for n in range(0, N):
+                a2n = tl.load(A2_ptr + offs_d * N + n)
+                Bn = tl.load(B_base + n * s_Bn + t, mask=mask_t, other=0.0).to(tl.float32)
+                Cn = tl.load(C_base + n * s_Cn + t, mask=mask_t, other=0.0).to(tl.float32)
+                h0 = tl.load(hs_ptr + (lane + n) * n_tiles + pid_c)
+                P, H = tl.associative_scan((tl.exp2(a2n[:, None] * dl), dlu * Bn[None, :]), axis=1,
+                                           combine_fn=_combine)
+                y += (H + P * h0[:, None]) * Cn[None, :]
+            zz = tl.load(z_ptr + b * s_zb + offs_d[:, None] * s_zd + t[None, :],
+                         mask=mask_t[None, :], other=0.0).to(tl.float32)
+            sz = tl.sigmoid(zz)
+            dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
+            dy = dout * zz * sz
+            tl.store(dz_ptr + b * s_zb + offs_d[:, None] * s_zd + t[None, :],
+                     dz.to(dz_ptr.dtype.element_ty), mask=mask_t[None, :])
+        gB = tl.zeros([BLOCK_D, T], dtype=tl.float32)
+        gaA = tl.zeros([BLOCK_D, T], dtype=tl.float32)
+        part = (b * n_tiles + pid_c) * dim + offs_d
+        row = ((b * n_split + s) * G + g) * N
         for n in range(0, N):
             a2n = tl.load(A2_ptr + offs_d * N + n)
             Bn = tl.load(B_base + n * s_Bn + t, mask=mask_t, other=0.0).to(tl.float32)
             Cn = tl.load(C_base + n * s_Cn + t, mask=mask_t, other=0.0).to(tl.float32)
             h0 = tl.load(hs_ptr + (lane + n) * n_tiles + pid_c)
-            P, H = tl.associative_scan((tl.exp2(a2n[:, None] * dl), dlu * Bn[None, :]), axis=1,
-                                       combine_fn=_combine)
-            y += (H + P * h0[:, None]) * Cn[None, :]
-        zz = tl.load(z_ptr + b * s_zb + offs_d[:, None] * s_zd + t[None, :],
-                     mask=mask_t[None, :], other=0.0).to(tl.float32)
-        sz = tl.sigmoid(zz)
-        dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
-        dy = dout * zz * sz
-        tl.store(dz_ptr + b * s_zb + offs_d[:, None] * s_zd + t[None, :],
-                 dz.to(dz_ptr.dtype.element_ty), mask=mask_t[None, :])
-    gB = tl.zeros([BLOCK_D, T], dtype=tl.float32)
-    gaA = tl.zeros([BLOCK_D, T], dtype=tl.float32)
-    part = (b * n_tiles + pid_c) * dim + offs_d
-    row = ((b * n_split + s) * G + g) * N
-    for n in range(0, N):
-        a2n = tl.load(A2_ptr + offs_d * N + n)
-        Bn = tl.load(B_base + n * s_Bn + t, mask=mask_t, other=0.0).to(tl.float32)
-        Cn = tl.load(C_base + n * s_Cn + t, mask=mask_t, other=0.0).to(tl.float32)
-        h0 = tl.load(hs_ptr + (lane + n) * n_tiles + pid_c)
-        gc = tl.load(r_ptr + (lane + n) * n_tiles + pid_c + 1, mask=has_right, other=0.0)
-        bb = dlu * Bn[None, :]
-        P, H = tl.associative_scan((tl.exp2(a2n[:, None] * dl), bb), axis=1, combine_fn=_combine)
-        hh = H + P * h0[:, None]
-        # reverse adjoint scan: g_t = x_t + a_{t+1} g_{t+1}; the tile's right carry is gc
-        Q, gl = tl.associative_scan((tl.exp2(a2n[:, None] * dln), dy * Cn[None, :]), axis=1,
-                                    combine_fn=_combine, reverse=True)
-        gg = gl + Q * gc[:, None]
-        gB += gg * Bn[None, :]
-        ga = gg * (hh - bb)  # g_t * a_t * h_{t-1}
-        gaA += ga * a2n[:, None]
-        tl.store(dA_ptr + part * N + n, tl.sum(ga * dl, axis=1))
-        tl.store(dB_ptr + (row + n) * L + t, tl.sum(gg * dlu, axis=0), mask=mask_t)
-        tl.store(dC_ptr + (row + n) * L + t, tl.sum(hh * dy, axis=0), mask=mask_t)
-    ddl = gB * uu + gaA * LN2
-    du = gB * dl + dy * Dv[:, None]
-    if SOFTPLUS:
-        ddl = ddl * tl.sigmoid(raw)
-    ddl = tl.where(mask_t[None, :], ddl, 0.0)
-    tl.store(du_ptr + b * s_ub + offs_d[:, None] * s_ud + t[None, :],
-             du.to(du_ptr.dtype.element_ty), mask=mask_t[None, :])
-    tl.store(ddelta_ptr + b * s_db + offs_d[:, None] * s_dd + t[None, :],
-             ddl.to(ddelta_ptr.dtype.element_ty), mask=mask_t[None, :])
-    if HAS_D:
-        tl.store(dD_ptr + part, tl.sum(dy * uu, axis=1))
-    if HAS_BIAS:
-        tl.store(dbias_ptr + part, tl.sum(ddl, axis=1))
+            gc = tl.load(r_ptr + (lane + n) * n_tiles + pid_c + 1, mask=has_right, other=0.0)
+            bb = dlu * Bn[None, :]
+            P, H = tl.associative_scan((tl.exp2(a2n[:, None] * dl), bb), axis=1, combine_fn=_combine)
+            hh = H + P * h0[:, None]
+            # reverse adjoint scan: g_t = x_t + a_{t+1} g_{t+1}; the tile's right carry is gc
+            Q, gl = tl.associative_scan((tl.exp2(a2n[:, None] * dln), dy * Cn[None, :]), axis=1,
+                                        combine_fn=_combine, reverse=True)
+            gg = gl + Q * gc[:, None]
+            gB += gg * Bn[None, :]
+            ga = gg * (hh - bb)  # g_t * a_t * h_{t-1}
+            gaA += ga * a2n[:, None]
+            tl.store(dA_ptr + part * N + n, tl.sum(ga * dl, axis=1))
+            # program-private partial rows, accumulated over the sub-blocks (stays in L1/L2)
+            pB = dB_ptr + (row + n) * L + t
+            pC = dC_ptr + (row + n) * L + t
+            acc = mask_t & (offs_t * 0 + j > 0)
+            tl.store(pB, tl.sum(gg * dlu, axis=0) + tl.load(pB, mask=acc, other=0.0), mask=mask_t)
+            tl.store(pC, tl.sum(hh * dy, axis=0) + tl.load(pC, mask=acc, other=0.0), mask=mask_t)
+        ddl = gB * uu + gaA * LN2
+        du = gB * dl + dy * Dv[:, None]
+        if SOFTPLUS:
+            ddl = ddl * tl.sigmoid(raw)
+        ddl = tl.where(mask_t[None, :], ddl, 0.0)
+        tl.store(du_ptr + b * s_ub + offs_d[:, None] * s_ud + t[None, :],
+                 du.to(du_ptr.dtype.element_ty), mask=mask_t[None, :])
+        tl.store(ddelta_ptr + b * s_db + offs_d[:, None] * s_dd + t[None, :],
+                 ddl.to(ddelta_ptr.dtype.element_ty), mask=mask_t[None, :])
+        if HAS_D:
+            tl.store(dD_ptr + part, tl.sum(dy * uu, axis=1))
+        if HAS_BIAS:
+            tl.store(dbias_ptr + part, tl.sum(ddl, axis=1))
+        tl.debug_barrier()

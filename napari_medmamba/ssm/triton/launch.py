@@ -32,13 +32,15 @@ class ScanConfig:
     """T: steps per tile (one associative scan; also the backward's tile and the spacing of
     the states the forward saves). block_d: channels per forward program; chunk_tiles: tiles
     per forward chunk (one program walks a chunk). bwd_block_d: channels per backward program
-    (a divisor of the channels per group)."""
+    in one sub-block; bwd_split: backward programs per
+    (batch, group, tile), each looping over its share of the sub-blocks."""
 
     T: int = 128
     block_d: int = 4
     chunk_tiles: int = 16
     num_warps: int = 4
-    bwd_block_d: int = 16
+    bwd_block_d: int = 4
+    bwd_split: int = 1
     bwd_num_warps: int = 4
     combine_lanes: int = 64
     combine_cb: int = 32
@@ -54,8 +56,8 @@ def _sm_count(device: torch.device) -> int:
 def choose_config(batch: int, dim: int, length: int, n_state: int, groups: int,
                   device: torch.device, **override) -> ScanConfig:
     """Shape-derived parameters: (block_d x T) tiles; enough chunks along the sequence for
-    ~8 programs per SM (one chunk when the channels alone give that); backward programs of
-    up to 2048 channel-steps, split further while there are fewer than ~8 per SM."""
+    ~8 programs per SM (one chunk when the channels alone give that); backward sub-blocks of
+    ~512 channel-steps, programs split over channels while there are fewer than ~8 per SM."""
     dflt = ScanConfig()
     T = override.get("T") or max(16, min(dflt.T, next_pow2(length)))
     dpg = dim // groups
@@ -65,12 +67,16 @@ def choose_config(batch: int, dim: int, length: int, n_state: int, groups: int,
     base = batch * (dim // block_d)
     want_chunks = max(1, target // base)
     chunk_tiles = override.get("chunk_tiles") or max(1, -(-n_tiles // want_chunks))
-    bwd_block_d = override.get("bwd_block_d")
-    if not bwd_block_d:
-        bwd_block_d = _pow2_divisor(dpg, max(1, 2048 // T))
-        while bwd_block_d > 1 and n_tiles * batch * (dim // bwd_block_d) < target:
-            bwd_block_d //= 2
-    cfg = ScanConfig(T=T, block_d=block_d, chunk_tiles=chunk_tiles, bwd_block_d=bwd_block_d)
+    bwd_block_d = override.get("bwd_block_d") or _pow2_divisor(dpg, max(1, 512 // T))
+    subs = dpg // bwd_block_d
+    bwd_split = override.get("bwd_split")
+    if not bwd_split:
+        bwd_split = 1
+        while n_tiles * batch * groups * bwd_split < target and subs % (2 * bwd_split) == 0:
+            bwd_split *= 2
+    cfg = ScanConfig(T=T, block_d=block_d, chunk_tiles=chunk_tiles, bwd_block_d=bwd_block_d,
+                     bwd_split=bwd_split)
+    done = ("T", "block_d", "chunk_tiles", "bwd_block_d", "bwd_split")
     rest = {f.name: override[f.name] for f in fields(ScanConfig)
-            if override.get(f.name) and f.name not in ("T", "block_d", "chunk_tiles", "bwd_block_d")}
+            if override.get(f.name) and f.name not in done}
     return replace(cfg, **rest)
