@@ -58,7 +58,7 @@ def _scan_exp_overload(x):
         def exp_f32(x):
             # Cephes expf: x = k ln2 + f, |f| <= ln2/2; exp(x) = 2^k * poly(f).
             x = min(max(x, np.float32(-87.0)), np.float32(88.0))
-            k = math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+            k = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
             f = x - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
             p = np.float32(1.9875691500e-4)
             p = p * f + np.float32(1.3981999507e-3)

@@ -38,10 +38,10 @@ class ScanConfig:
     T: int = 128
     block_d: int = 4
     chunk_tiles: int = 16
-    num_warps: int = 4
+    num_warps: int = 2
     bwd_block_d: int = 4
     bwd_split: int = 1
-    bwd_num_warps: int = 4
+    bwd_num_warps: int = 2
     combine_lanes: int = 64
     combine_cb: int = 32
 
@@ -56,14 +56,14 @@ def _sm_count(device: torch.device) -> int:
 def choose_config(batch: int, dim: int, length: int, n_state: int, groups: int,
                   device: torch.device, **override) -> ScanConfig:
     """Shape-derived parameters: (block_d x T) tiles; enough chunks along the sequence for
-    ~8 programs per SM (one chunk when the channels alone give that); backward sub-blocks of
-    ~512 channel-steps, programs split over channels while there are fewer than ~8 per SM."""
+    ~16 programs per SM (one chunk when the channels alone give that); backward sub-blocks of
+    ~512 channel-steps, programs split over channels while there are fewer than ~16 per SM."""
     dflt = ScanConfig()
     T = override.get("T") or max(16, min(dflt.T, next_pow2(length)))
     dpg = dim // groups
     block_d = override.get("block_d") or _pow2_divisor(dpg, dflt.block_d)
     n_tiles = -(-length // T)
-    target = 8 * _sm_count(device)
+    target = 16 * _sm_count(device)
     base = batch * (dim // block_d)
     want_chunks = max(1, target // base)
     chunk_tiles = override.get("chunk_tiles") or max(1, -(-n_tiles // want_chunks))
