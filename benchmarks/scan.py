@@ -164,7 +164,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         for dtype_name in dtypes:
             results = {}
             for backend in backends:
-                fwd, both = measure(shape, DTYPES[dtype_name], backend, device, args.repeats)
+                try:
+                    fwd, both = measure(shape, DTYPES[dtype_name], backend, device, args.repeats)
+                except (RuntimeError, ValueError) as err:  # e.g. a backend rejecting a shape or running out of memory
+                    notes.append(f"{backend} failed on {shape_label(shape, models)} {dtype_name}: {err}")
+                    print(f"  {notes[-1]}", file=sys.stderr, flush=True)
+                    continue
                 results[backend] = (fwd, both)
                 row = dict(shape=list(shape), models=models, dtype=dtype_name, backend=backend,
                            forward_ms=fwd, fwd_bwd_ms=both, ratio=both / fwd)
@@ -177,7 +182,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 rows.append(row)
                 print(f"  {shape_label(shape, models)} {dtype_name} {backend}: {fwd:.1f} / {both:.1f} ms",
                       file=sys.stderr, flush=True)
-            for row in rows[-len(backends):]:
+            for row in rows[len(rows) - len(results):]:
                 if baseline in results:
                     base_fwd, base_both = results[baseline]
                     row["speedup_forward"] = base_fwd / row["forward_ms"]

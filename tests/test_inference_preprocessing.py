@@ -70,3 +70,21 @@ def test_normalize_ct_and_zscore() -> None:
     assert abs(float(mr.mean())) < 1e-6 and abs(float(mr.std()) - 1.0) < 1e-5
     with pytest.raises(ValueError):
         normalize(hu, contract(normalization="ct"))
+
+
+def test_resampling_can_be_cancelled_between_and_inside_slabs() -> None:
+    from napari_medmamba.inference import SegmentationCancelled
+
+    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    fine = Geometry((0.5, 0.5, 0.5), (0.0, 0.0, 0.0))
+    array = np.zeros((8, 64, 64), np.float32)
+    with pytest.raises(SegmentationCancelled):
+        resample_linear(array, geometry, fine, (16, 128, 128), cancel=lambda: True)
+    calls: list[int] = []
+
+    def cancel_inside_the_first_slab() -> bool:
+        calls.append(1)
+        return len(calls) > 1  # the between-slab check passes; SimpleITK's progress event aborts
+
+    with pytest.raises(SegmentationCancelled):
+        resample_linear(array, geometry, fine, (16, 128, 128), cancel=cancel_inside_the_first_slab, slab=16)

@@ -206,6 +206,8 @@ def _forward_fn(net: nn.Module, contract: InputContract, bf16: bool) -> Callable
         except (SegmentationCancelled, torch.cuda.OutOfMemoryError):
             raise
         except (RuntimeError, ValueError) as error:
+            if "not enough memory" in str(error):  # the CPU allocator's out-of-memory RuntimeError
+                raise MemoryError(f"out of memory on {device} running a batch of {x.shape[0]} tiles") from error
             raise SegmentationInputError(
                 f"the model failed on input of shape {tuple(x.shape)} (patch {contract.patch_size}): {error}"
             ) from error
@@ -222,13 +224,16 @@ def _forward_fn(net: nn.Module, contract: InputContract, bf16: bool) -> Callable
     return forward
 
 
-def _argmax_entropy(probs: np.ndarray, slab: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def _argmax_entropy(
+    probs: np.ndarray, cancel: Callable[[], None] = lambda: None, slab: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
     """Labels (uint8/uint16) and normalised entropy (float16) of (C, z, y, x) probabilities, in z slabs."""
     c = probs.shape[0]
     labels = np.empty(probs.shape[1:], dtype=np.uint8 if c <= 256 else np.uint16)
     entropy = np.empty(probs.shape[1:], dtype=np.float16)
     scale = 1.0 / math.log(c) if c > 1 else 0.0
     for z0 in range(0, probs.shape[1], slab):
+        cancel()
         p = probs[:, z0 : z0 + slab].astype(np.float32)
         labels[z0 : z0 + slab] = np.argmax(p, axis=0)
         h = -np.sum(p * np.log(np.clip(p, 1e-12, None)), axis=0) * scale
@@ -346,7 +351,7 @@ def segment(
                 resample_linear(probs[c], work_geometry, grid, orientation.shape, out=source_probs[c], cancel=check)
                 report("resample", 0.8 * (c + 1) / contract.num_classes)
         del probs
-        labels, uncertainty = _argmax_entropy(source_probs)
+        labels, uncertainty = _argmax_entropy(source_probs, raise_if_cancelled)
         labels = np.ascontiguousarray(orientation.undo(labels))
         uncertainty = np.ascontiguousarray(orientation.undo(uncertainty))
         source_probs = np.ascontiguousarray(orientation.undo(source_probs)) if return_probabilities else None
