@@ -114,6 +114,19 @@ def test_slicewise_equals_slice_loop() -> None:
             assert out.shape == (1, 3, *v.shape[2:])
             for i in range(v.shape[2 + axis]):
                 want = net(v.select(2 + axis, i))
-                torch.testing.assert_close(out.select(2 + axis, i), want, rtol=1e-4, atol=1e-5)
+                # MHS-VM's route gate divides by a near-zero deviation in places, which turns
+                # batched-vs-single float rounding (1e-7) into up to ~1e-4; a wrong slice is O(1).
+                torch.testing.assert_close(out.select(2 + axis, i), want, rtol=1e-3, atol=2e-4)
     with pytest.raises(ValueError):
         apply_slicewise(net, torch.zeros(1, 1, 8, 8))
+
+
+def test_routes_first_built_in_inference_mode_still_train() -> None:
+    """The route cache must not hold inference tensors (the engine runs under inference_mode)."""
+    scan_routes.cache_clear()
+    net = MHSVM(in_chans=1, num_classes=2, dims=(8, 16), depths=(1, 1), depths_decoder=(1, 1), head_num=2)
+    x = torch.randn(1, 1, 32, 32)
+    with torch.inference_mode():
+        net.eval()(x)
+    net.train()(x).sum().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)

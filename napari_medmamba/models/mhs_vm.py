@@ -74,11 +74,14 @@ def scan_routes(h: int, w: int) -> torch.Tensor:
               spiral, [(h - 1 - i, j) for i, j in spiral],
               _raster_rows(h, w), _raster_cols(h, w)]
     cpu = torch.device("cpu")  # explicit: the cache must not hold meta/GPU tensors
-    out = torch.empty(8, 2, h * w, dtype=torch.long, device=cpu)
-    for r, pos in enumerate(routes):
-        t = torch.tensor([i * w + j for i, j in pos], dtype=torch.long, device=cpu)
-        out[r, 0] = t
-        out[r, 1, t] = torch.arange(h * w, device=cpu)
+    # Cached tensors must be ordinary tensors even when first built under torch.inference_mode()
+    # (the inference engine's), or a later training step could not save them for backward.
+    with torch.inference_mode(False):
+        out = torch.empty(8, 2, h * w, dtype=torch.long, device=cpu)
+        for r, pos in enumerate(routes):
+            t = torch.tensor([i * w + j for i, j in pos], dtype=torch.long, device=cpu)
+            out[r, 0] = t
+            out[r, 1, t] = torch.arange(h * w, device=cpu)
     return out
 
 
