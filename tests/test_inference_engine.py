@@ -165,7 +165,7 @@ def test_fast_mode_uses_fewer_forward_passes() -> None:
     counts = {}
     for mode in ("accurate", "fast"):
         calls: list[float] = []
-        segment(volume, (TinyUNet(), contract(patch=(8, 8, 8), target_spacing=(1.0, 1.0, 1.0))), device="cpu",
+        segment(volume, (TinyUNet(), contract(patch=(16, 16, 16), target_spacing=(1.0, 1.0, 1.0))), device="cpu",
                 mode=mode, progress=lambda f, s: calls.append(f) if s == "inference" else None)
         counts[mode] = len(calls)
     assert counts["fast"] * 4 < counts["accurate"]
@@ -214,3 +214,14 @@ def test_modality_mismatch_is_a_warning() -> None:
     volume, _ = _oblique_sphere()
     result = segment(volume, (ThresholdNet(), contract(modality="CT")), device="cpu", mode="fast")
     assert any("trained on CT" in w for w in result.warnings)
+
+
+def test_bf16_on_the_cpu_changes_precision_not_the_result() -> None:
+    volume, _ = _oblique_sphere(noise=20.0)
+    model = (TinyUNet(seed=5), contract(target_spacing=(2.0, 2.0, 2.0)))
+    fp32 = segment(volume, model, device="cpu", mode="fast")
+    bf16 = segment(volume, model, device="cpu", mode="fast", precision="bf16")
+    assert not np.array_equal(fp32.probabilities, bf16.probabilities)  # autocast really ran in bf16
+    np.testing.assert_allclose(fp32.probabilities, bf16.probabilities, atol=0.05)
+    with pytest.raises(ValueError):
+        segment(volume, model, device="cpu", precision="fp16")

@@ -12,8 +12,8 @@ from napari_medmamba.models import get_model_spec, list_models
 
 def _small_mr() -> Volume:
     rng = np.random.default_rng(11)
-    array = (rng.gamma(2.0, 40.0, size=(6, 30, 26))).astype(np.float32)
-    return Volume(array, Geometry((1.1, 0.9, 1.3), (3.0, -2.0, 5.0), (-1, 0, 0, 0, 0, -1, 0, 1, 0)), modality="MR")
+    array = (rng.gamma(2.0, 40.0, size=(3, 24, 20))).astype(np.float32)  # 3 slices: one batch for 2D models
+    return Volume(array, Geometry((1.1, 0.9, 1.3), (3.0, -2.0, 5.0), (1, 0, 0, 0, -1, 0, 0, 0, -1)), modality="MR")
 
 
 @pytest.mark.parametrize("name", list_models())

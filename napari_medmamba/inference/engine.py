@@ -193,10 +193,11 @@ def _cancellable(net: nn.Module, check: Callable[[], bool]) -> Iterator[None]:
             h.remove()
 
 
-def _forward_fn(net: nn.Module, contract: InputContract, bf16: bool) -> Callable[[torch.Tensor, torch.device], torch.Tensor]:
+def _forward_fn(net: nn.Module, contract: InputContract, precision: str) -> Callable[[torch.Tensor, torch.device], torch.Tensor]:
     """forward(batch, device): CPU (B, C, *patch) tiles -> CPU (B, classes, *patch) probabilities."""
 
     def forward(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+        bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
         x = batch.to(device)
         if contract.spatial_dims == 2:
             x = x[:, :, 0]
@@ -312,12 +313,11 @@ def segment(
             patch = (1, *contract.patch_size)
         else:
             patch = tuple(contract.patch_size)
-        bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
         bytes_per_voxel = getattr(net, "activation_bytes_per_voxel", ACTIVATION_BYTES_PER_VOXEL)
         batch = plan_batch_size(free_memory_bytes(dev), int(np.prod(patch)), dev.type, bytes_per_voxel)
         was_training = net.training
         home = next(net.parameters(), torch.empty(0)).device
-        predictor = TilePredictor(_forward_fn(net, contract, bf16), lambda d: net.to(d), dev, batch, warnings.append)
+        predictor = TilePredictor(_forward_fn(net, contract, precision), lambda d: net.to(d), dev, batch, warnings.append)
         try:
             net.eval()
             net.to(dev)

@@ -1,8 +1,8 @@
 """Networks (LightM-UNet, MHS-VM, a U-Net baseline), the Mamba block, the registry and checkpoint loading."""
 
 from .registry import REGISTRY, InputContract, ModelSpec, get_model_spec, list_models, register
-from .zoo import ARCHITECTURES, build_model
+from .zoo import ARCHITECTURES, DEFAULT_MODEL, build_model, default_model_name
 from .checkpoints import CheckpointError, load_checkpoint, save_weights
 
 __all__ = ["InputContract", "ModelSpec", "REGISTRY", "get_model_spec", "list_models", "register",
-           "ARCHITECTURES", "build_model", "CheckpointError", "load_checkpoint", "save_weights"]
+           "ARCHITECTURES", "DEFAULT_MODEL", "build_model", "default_model_name", "CheckpointError", "load_checkpoint", "save_weights"]

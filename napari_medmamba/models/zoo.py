@@ -9,7 +9,8 @@ from .mhs_vm import MHSVM
 from .registry import InputContract, ModelSpec, get_model_spec, register
 from .unet import UNet
 
-__all__ = ["ARCHITECTURES", "build_model", "HIPPOCAMPUS_LABELS", "HIPPOCAMPUS_COLORS"]
+__all__ = ["ARCHITECTURES", "DEFAULT_MODEL", "build_model", "default_model_name", "HIPPOCAMPUS_LABELS",
+           "HIPPOCAMPUS_COLORS"]
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"LightMUNet": LightMUNet, "MHSVM": MHSVM, "UNet": UNet}
 """Network classes by name (the ``arch`` entry of our safetensors metadata)."""
@@ -19,6 +20,15 @@ HIPPOCAMPUS_COLORS = ("#000000", "#ff7f0e", "#1f77b4")
 _PATCH_3D = (40, 56, 40)  # (z, y, x), each divisible by 8
 _MR = {"in_channels": 1, "label_names": HIPPOCAMPUS_LABELS, "label_colors": HIPPOCAMPUS_COLORS,
        "target_spacing": (1.0, 1.0, 1.0), "modality": "MR", "normalization": "zscore"}
+
+
+DEFAULT_MODEL = "lightm_unet_3d"
+"""The model used when none is named (README main command, CLI, napari widget)."""
+
+
+def default_model_name() -> str:
+    """Name of the default registered model."""
+    return DEFAULT_MODEL
 
 
 def build_model(name: str) -> nn.Module:
