@@ -146,17 +146,15 @@ def _expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return paths
 
 
-def segment_case(path: Path, outdir: Path, model: Any, device: str, mode: str, quiet: bool) -> dict[str, Any]:
+def segment_case(volume: Any, case: str, outdir: Path, model: Any, device: str, mode: str,
+                 quiet: bool) -> dict[str, Any]:
     """Segment one scan into ``outdir/<case>_labels.nii.gz``; returns a summary row."""
     import numpy as np
 
     from .inference import segment
-    from .io import read_volume, write_labels
-    from .io.volume import scan_name
+    from .io import write_labels
 
-    case = scan_name(path)
     start = time.perf_counter()
-    volume = read_volume(path)
     result = segment(volume, model, device=device, mode=mode, progress=_StderrProgress(case, quiet))
     out = write_labels(result.labels.array, like=volume, path=outdir / f"{case}{LABEL_SUFFIX}")
     counts = np.bincount(result.labels.array.ravel(), minlength=len(result.label_names))
@@ -177,6 +175,7 @@ def segment_case(path: Path, outdir: Path, model: Any, device: str, mode: str, q
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .inference import resolve_model
+    from .io import read_volume
     from .io.volume import scan_name
     from .models import default_model_name
 
@@ -196,7 +195,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                 _stderr(f"[{case}] exists, skipped (use --overwrite to redo)")
             continue
         try:
-            rows.append(segment_case(path, args.output, model, args.device, args.mode, args.quiet))
+            rows.append(segment_case(read_volume(path), case, args.output, model, args.device, args.mode, args.quiet))
         except Exception as exc:  # one bad case is reported, the rest go on
             _stderr(f"[{case}] failed: {exc}")
             rows.append({"case": case, "status": f"failed: {exc}"})
@@ -224,30 +223,32 @@ def _write_summary_csv(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write(path, text.getvalue().encode())
 
 
+DEMO_SAMPLE = "mni152_t1_right_hippocampus"
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from .io import write_volume
     from .models import default_model_name, get_model_spec
-    from .samples import load_sample, sample_path
+    from .samples import load_sample
 
     name = args.model or default_model_name()
     spec = get_model_spec(name)
-    _stderr(f"sample: {sample_path()}")
-    volume = load_sample()
-    _stderr(f"scan {volume.shape} (z, y, x), spacing {volume.geometry.spacing_zyx} mm; model {name}")
+    volume = load_sample(DEMO_SAMPLE)
+    _stderr(f"sample {DEMO_SAMPLE}: {volume.shape} (z, y, x), spacing {volume.geometry.spacing_zyx} mm; model {name}")
     if spec.weights is None:
         _stderr(f"note: model {name!r} has no trained weights shipped yet: its output is from random initial weights")
     args.output.mkdir(parents=True, exist_ok=True)
-    row = segment_case(Path(volume.path), args.output, name, args.device, "fast", quiet=False)
+    scan_file = write_volume(volume, args.output / f"{DEMO_SAMPLE}.nii.gz")
+    row = segment_case(volume, DEMO_SAMPLE, args.output, name, args.device, "accurate", quiet=False)
+    row["scan"] = str(scan_file)
     _write_summary_csv([row], args.output / "summary.csv")
     print(json.dumps(row, indent=2))
     if args.view:
         import napari
 
-        from .io import read_volume
-
         viewer = napari.Viewer()
-        viewer.open(str(volume.path), plugin="napari-medmamba")
-        labels = read_volume(row["output"])
-        viewer.add_labels(labels.array, affine=labels.geometry.zyx_affine(), name=f"{name} labels")
+        viewer.open(str(scan_file), plugin="napari-medmamba")
+        viewer.open(row["output"], plugin="napari-medmamba", layer_type="labels")
         napari.run()
     return 0
 

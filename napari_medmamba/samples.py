@@ -10,6 +10,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .io import Volume, read_volume
 
 __all__ = ["SampleInfo", "list_samples", "sample_path", "load_sample"]
@@ -24,6 +26,9 @@ class SampleInfo:
     relative_path: str
     modality: str
     description: str
+    crop_center_lps_mm: tuple[float, float, float] | None = None
+    """When set, the sample is a box of ``crop_size_mm`` around this LPS point (x, y, z) in mm."""
+    crop_size_mm: tuple[float, float, float] | None = None
 
 
 _SAMPLES: dict[str, SampleInfo] = {
@@ -33,6 +38,17 @@ _SAMPLES: dict[str, SampleInfo] = {
         relative_path="datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
         modality="MR",
         description="MNI ICBM152 2009a nonlinear symmetric T1 template (skull-stripped, 1 mm), shipped by nilearn",
+    ),
+    "mni152_t1_right_hippocampus": SampleInfo(
+        name="mni152_t1_right_hippocampus",
+        package="nilearn",
+        relative_path="datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        modality="MR",
+        description="36 x 52 x 36 mm box of the MNI152 T1 template around the right hippocampus "
+                    "(MNI x=+28, y=-22, z=-14 mm), the field of view the hippocampus model is trained on",
+        # MNI (RAS) (+28, -22, -14) mm is LPS (-28, +22, -14) mm.
+        crop_center_lps_mm=(-28.0, 22.0, -14.0),
+        crop_size_mm=(36.0, 52.0, 36.0),
     ),
 }
 
@@ -66,7 +82,20 @@ def sample_path(name: str = "mni152_t1") -> Path:
 
 def load_sample(name: str = "mni152_t1") -> Volume:
     """Read a sample scan as a :class:`~napari_medmamba.io.Volume` with its geometry."""
+    info = _SAMPLES.get(name)
     volume = read_volume(sample_path(name))
     if volume.modality is None:
-        volume.modality = _SAMPLES[name].modality
+        volume.modality = info.modality
+    if info.crop_center_lps_mm is not None and info.crop_size_mm is not None:
+        volume = _crop_around(volume, info.crop_center_lps_mm, info.crop_size_mm)
     return volume
+
+
+def _crop_around(volume: Volume, center_lps: tuple[float, float, float], size_mm: tuple[float, float, float]) -> Volume:
+    """The axis-aligned index box covering ``size_mm`` (x, y, z) around an LPS point."""
+    half = np.asarray(size_mm) / 2.0
+    corners = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]) * half + center_lps
+    idx_xyz = volume.geometry.physical_to_index(corners)
+    start_xyz = np.floor(idx_xyz.min(axis=0)).astype(int)
+    stop_xyz = np.ceil(idx_xyz.max(axis=0)).astype(int)
+    return volume.crop(tuple(start_xyz[::-1]), tuple(stop_xyz[::-1]))

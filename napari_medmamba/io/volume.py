@@ -87,6 +87,17 @@ class Geometry:
         rev = np.eye(4)[[2, 1, 0, 3]]
         return rev @ self.index_to_physical_matrix() @ rev
 
+    def physical_to_index(self, points_xyz: np.ndarray) -> np.ndarray:
+        """Continuous (x, y, z) indices of LPS (x, y, z) points in mm; points has shape (..., 3)."""
+        m = self.direction_matrix @ np.diag(self.spacing)
+        return (np.asarray(points_xyz, dtype=float) - np.asarray(self.origin)) @ np.linalg.inv(m).T
+
+    def cropped(self, start_zyx: tuple[int, int, int]) -> "Geometry":
+        """Geometry of a sub-grid whose first voxel is ``start_zyx`` of this grid."""
+        start_xyz = np.asarray(start_zyx[::-1], dtype=float)
+        origin = self.index_to_physical_matrix() @ np.append(start_xyz, 1.0)
+        return Geometry(self.spacing, tuple(origin[:3]), self.direction)
+
     def isclose(self, other: "Geometry", atol: float = 1e-6) -> bool:
         """True when spacing, origin and direction agree within ``atol``."""
         return bool(
@@ -149,6 +160,16 @@ class Volume:
     def name(self) -> str:
         """A display name: the file or folder name without extension, or "volume"."""
         return "volume" if self.path is None else scan_name(self.path)
+
+    def crop(self, start_zyx: tuple[int, int, int], stop_zyx: tuple[int, int, int]) -> "Volume":
+        """The sub-volume ``[start:stop]`` (clipped to the grid) with its exact geometry; a copy."""
+        start = [max(0, int(a)) for a in start_zyx]
+        stop = [min(n, int(b)) for n, b in zip(self.shape, stop_zyx)]
+        if any(b <= a for a, b in zip(start, stop)):
+            raise ValueError(f"crop {start_zyx}..{stop_zyx} does not overlap the grid {self.shape}")
+        array = self.array[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]].copy()
+        return Volume(array=array, geometry=self.geometry.cropped(tuple(start)), path=self.path,
+                      modality=self.modality, dicom=None)
 
     def with_array(self, array: np.ndarray) -> "Volume":
         """A volume on the same grid holding another array (e.g. labels)."""
