@@ -30,7 +30,6 @@ from .sliding_window import sliding_window
 
 __all__ = ["segment", "SegmentationResult", "resolve_model", "DEFAULT_OVERLAP", "FAST_SPACING_FACTOR", "STAGES"]
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 """Where the registry's ``ModelSpec.weights`` files are shipped."""
 
 Mode = Literal["accurate", "fast"]
@@ -106,16 +105,14 @@ def resolve_model(model: ModelLike) -> tuple[nn.Module, InputContract, str, list
         if not isinstance(net, nn.Module) or not isinstance(contract, InputContract):
             raise TypeError("model tuples are (torch.nn.Module, InputContract)")
         return net, contract, type(net).__name__, []
-    from ..models import build_model, load_checkpoint
+    from ..models import build_model, load_registered_model
 
     spec = get_model_spec(model) if isinstance(model, str) else model
     if not isinstance(spec, ModelSpec):
         raise TypeError("model must be a registry name, a ModelSpec or (torch.nn.Module, InputContract)")
-    weights = WEIGHTS_DIR / spec.weights if spec.weights else None
-    if weights is not None and weights.is_file():
-        return load_checkpoint(weights, name=spec.name), spec.contract, spec.name, []
-    missing = f"its weights file {weights} is missing" if weights else "it has no trained weights yet"
-    warning = f"model {spec.name!r} runs with random weights ({missing}): the labels are meaningless"
+    if spec.weights:
+        return load_registered_model(spec), spec.contract, spec.name, []  # sha256 checked; errors propagate
+    warning = f"model {spec.name!r} runs with random weights (it has no trained weights yet): the labels are meaningless"
     return build_model(spec.name), spec.contract, spec.name, [warning]
 
 

@@ -1,0 +1,139 @@
+"""Patch sampling (NumPy, CPU) and batched data augmentation (torch, any device).
+
+Arrays are (z, y, x) in the model contract's orientation (RAS: x is the left-right axis), so the only
+flip is along x; flipping y or z would swap anterior and posterior hippocampus (or head and tail).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["PatchSampler", "AugmentConfig", "augment_batch"]
+
+
+class PatchSampler:
+    """Random patches of ``patch_size`` from (image, label) volumes; volumes smaller than the patch are
+    zero-padded (label 0); a ``fg_fraction`` of the patches is centred on a random foreground voxel."""
+
+    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], patch_size: Sequence[int],
+                 fg_fraction: float = 1 / 3) -> None:
+        if len(images) != len(labels) or not images:
+            raise ValueError("need the same positive number of images and labels")
+        self.images, self.labels = list(images), list(labels)
+        self.patch = tuple(int(p) for p in patch_size)
+        self.fg_fraction = fg_fraction
+        self.fg = [np.flatnonzero(lb.ravel() > 0) for lb in self.labels]
+
+    def _crop(self, i: int, start: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        im, lb = self.images[i], self.labels[i]
+        out_im = np.zeros(self.patch, np.float32)
+        out_lb = np.zeros(self.patch, np.int64)
+        src, dst = [], []
+        for s, n, p in zip(start, im.shape, self.patch):
+            a, b = max(s, 0), min(s + p, n)
+            src.append(slice(a, b))
+            dst.append(slice(a - s, b - s))
+        out_im[tuple(dst)] = im[tuple(src)]
+        out_lb[tuple(dst)] = lb[tuple(src)]
+        return out_im, out_lb
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 1, *patch) float32 images and (B, *patch) int64 labels."""
+        ims, lbs = [], []
+        for _ in range(batch_size):
+            i = int(rng.integers(len(self.images)))
+            shape = self.images[i].shape
+            if rng.random() < self.fg_fraction and self.fg[i].size:
+                centre = np.unravel_index(int(self.fg[i][rng.integers(self.fg[i].size)]), shape)
+                start = [int(c) - p // 2 for c, p in zip(centre, self.patch)]
+            else:
+                start = [int(rng.integers(min(0, n - p), max(0, n - p) + 1)) for n, p in zip(shape, self.patch)]
+            # keep the patch on the volume as much as possible (no patch of mostly padding)
+            start = [min(max(s, min(0, n - p)), max(0, n - p)) for s, n, p in zip(start, shape, self.patch)]
+            im, lb = self._crop(i, start)
+            ims.append(im)
+            lbs.append(lb)
+        return np.stack(ims)[:, None], np.stack(lbs)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Probabilities (per sample) and ranges of the augmentations."""
+
+    p_flip_lr: float = 0.5
+    p_affine: float = 0.3
+    max_rotation_deg: float = 15.0
+    scale: tuple[float, float] = (0.85, 1.15)
+    p_intensity_scale: float = 0.15
+    intensity_scale: tuple[float, float] = (0.75, 1.25)
+    p_shift: float = 0.15
+    shift: float = 0.1
+    p_gamma: float = 0.3
+    gamma: tuple[float, float] = (0.7, 1.5)
+    p_noise: float = 0.15
+    noise_std: tuple[float, float] = (0.0, 0.1)
+
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+    a, b, c = angles
+    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
+                  cfg: AugmentConfig = AugmentConfig(), mask: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Augment images ``x`` (B, 1, Z, Y, X) and labels ``y`` (B, Z, Y, X) (and an optional bool ``mask``
+    of the same shape, moved like the labels). Random parameters come from ``rng`` (NumPy, CPU); the
+    gaussian noise from torch's generator on ``x``'s device. Labels use nearest-neighbour sampling."""
+    b, dev = x.shape[0], x.device
+    # left-right flip (x axis) only
+    flip = torch.as_tensor(rng.random(b) < cfg.p_flip_lr, device=dev)
+    if bool(flip.any()):
+        x = torch.where(flip.view(b, 1, 1, 1, 1), x.flip(-1), x)
+        y = torch.where(flip.view(b, 1, 1, 1), y.flip(-1), y)
+        if mask is not None:
+            mask = torch.where(flip.view(b, 1, 1, 1), mask.flip(-1), mask)
+    # rotation + isotropic scaling
+    do_aff = rng.random(b) < cfg.p_affine
+    if do_aff.any():
+        theta = np.zeros((b, 3, 4))
+        for i in range(b):
+            if do_aff[i]:
+                ang = np.deg2rad(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg, 3))
+                theta[i, :, :3] = _rotation(ang) / rng.uniform(*cfg.scale)
+            else:
+                theta[i, :, :3] = np.eye(3)
+        th = torch.as_tensor(theta, dtype=torch.float32, device=dev)
+        grid = F.affine_grid(th, list(x.shape), align_corners=False)
+        x = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        extra = [y.float().unsqueeze(1)] + ([mask.float().unsqueeze(1)] if mask is not None else [])
+        moved = F.grid_sample(torch.cat(extra, 1), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        y = moved[:, 0].round().long()
+        if mask is not None:
+            mask = moved[:, 1] > 0.5
+    # intensity: multiplicative scale, additive shift, gamma, noise
+    def per_sample(p: float, lo: float, hi: float, neutral: float) -> torch.Tensor:
+        v = np.where(rng.random(b) < p, rng.uniform(lo, hi, b), neutral)
+        return torch.as_tensor(v, dtype=x.dtype, device=dev).view(b, 1, 1, 1, 1)
+
+    x = x * per_sample(cfg.p_intensity_scale, *cfg.intensity_scale, 1.0)
+    x = x + per_sample(cfg.p_shift, -cfg.shift, cfg.shift, 0.0)
+    gamma = per_sample(cfg.p_gamma, *cfg.gamma, 1.0)
+    if bool((gamma != 1).any()):
+        flat = x.flatten(1)
+        lo, hi = flat.min(1).values.view(b, 1, 1, 1, 1), flat.max(1).values.view(b, 1, 1, 1, 1)
+        rngv = (hi - lo).clamp_min(1e-6)
+        x = ((x - lo) / rngv).clamp(0, 1).pow(gamma) * rngv + lo
+    std = per_sample(cfg.p_noise, *cfg.noise_std, 0.0)
+    if bool((std > 0).any()):
+        x = x + torch.randn_like(x) * std
+    return x, y, mask
