@@ -40,7 +40,9 @@ def test_manifest_identity_and_contributions(manifest: npe2.PluginManifest) -> N
     (writer,) = contributions.writers
     assert [t.value if hasattr(t, "value") else str(t) for t in writer.layer_types] == ["labels"]
     assert set(writer.filename_extensions) == {".nii.gz", ".nii", ".nrrd", ".mha"}
-    assert [s.key for s in contributions.sample_data] == ["mni152_t1"]
+    from napari_medmamba.samples import list_samples
+
+    assert [s.key for s in contributions.sample_data] == list_samples()
 
 
 def test_every_python_name_is_callable(manifest: npe2.PluginManifest) -> None:
