@@ -184,7 +184,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         _stderr("error: no input matched")
         return 1
     args.output.mkdir(parents=True, exist_ok=True)
-    model = resolve_model(args.model or default_model_name())  # loaded once for all cases
+    net, contract, name, warnings = resolve_model(args.model or default_model_name())  # loaded once for all cases
+    for warning in warnings:
+        _stderr(f"warning: {warning}")
+    model = (net, contract, name)
     rows: list[dict[str, Any]] = []
     for path in paths:
         case = scan_name(path)

@@ -33,7 +33,7 @@ __all__ = ["segment", "SegmentationResult", "resolve_model", "DEFAULT_OVERLAP", 
 """Where the registry's ``ModelSpec.weights`` files are shipped."""
 
 Mode = Literal["accurate", "fast"]
-ModelLike = Union[str, ModelSpec, tuple[nn.Module, InputContract]]
+ModelLike = Union[str, ModelSpec, tuple[nn.Module, InputContract], tuple[nn.Module, InputContract, str]]
 Cancel = Union[Callable[[], bool], threading.Event, None]
 
 DEFAULT_OVERLAP: dict[str, float] = {"accurate": 0.5, "fast": 0.25}
@@ -101,10 +101,10 @@ def _cancel_check(cancel: Cancel) -> Callable[[], bool]:
 def resolve_model(model: ModelLike) -> tuple[nn.Module, InputContract, str, list[str]]:
     """(network, contract, name, warnings) for a registry name, a ModelSpec or (module, contract)."""
     if isinstance(model, tuple):
-        net, contract = model
-        if not isinstance(net, nn.Module) or not isinstance(contract, InputContract):
-            raise TypeError("model tuples are (torch.nn.Module, InputContract)")
-        return net, contract, type(net).__name__, []
+        net, contract, *name = model
+        if not isinstance(net, nn.Module) or not isinstance(contract, InputContract) or len(name) > 1:
+            raise TypeError("model tuples are (torch.nn.Module, InputContract) or (module, contract, name)")
+        return net, contract, (name[0] if name else type(net).__name__), []
     from ..models import build_model, load_registered_model
 
     spec = get_model_spec(model) if isinstance(model, str) else model
