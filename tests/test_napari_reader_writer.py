@@ -228,9 +228,7 @@ def test_rgb_nifti_is_reported_not_crashed(totalseg: Path, notifications: list) 
 
 
 def test_mni152_sample() -> None:
-    if samples.importlib.util.find_spec("nilearn") is None:
-        pytest.skip("nilearn not installed")
-    assert samples.list_samples() == ["mni152_t1"]
+    assert samples.list_samples() == ["mni152_t1", "mni152_t1_right_hippocampus"]  # nilearn is a dependency
     volume = samples.load_sample("mni152_t1")
     assert volume.shape == (189, 233, 197)
     assert volume.geometry.spacing == (1.0, 1.0, 1.0)
@@ -240,6 +238,9 @@ def test_mni152_sample() -> None:
     (layer,) = viewer.open_sample(PLUGIN, "mni152_t1")
     assert layer.data.shape == (189, 233, 197)
     np.testing.assert_allclose(layer.data_to_world((0, 0, 0)), volume.geometry.zyx_affine()[:3, 3])
+    (crop,) = viewer.open_sample(PLUGIN, "mni152_t1_right_hippocampus")
+    assert crop.data.shape == (36, 52, 36)
+    np.testing.assert_allclose(crop.data_to_world((0, 0, 0)), crop.metadata["medmamba"]["geometry"]["origin"][::-1])
 
 
 def test_sample_without_nilearn_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
