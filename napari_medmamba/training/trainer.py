@@ -27,6 +27,7 @@ from ..atomic_write import atomic_write
 from ..models.checkpoints import save_weights
 from ..models.registry import get_model_spec
 from ..models.zoo import build_model
+from ..ssm.dispatch import ENV_VAR, resolve_backend
 from .augment import AugmentConfig, PatchSampler, augment_batch
 from .dataset import CachedCases
 from .losses import dice_ce_loss, dice_per_class
@@ -61,6 +62,15 @@ def _autocast(device: torch.device, amp: str):
     if device.type == "cuda" and amp == "fp16":
         return torch.autocast("cuda", dtype=torch.float16)
     return torch.autocast(device.type, enabled=False)
+
+
+def _fallback(device: torch.device, amp: str) -> str | None:
+    """What to try when the first training step fails: fp32, then the chunked-PyTorch scan backend."""
+    if amp != "none":
+        return "amp=none"
+    if device.type == "cuda" and os.environ.get(ENV_VAR, "auto") in {"", "auto", "triton"}:
+        return f"{ENV_VAR}=torch"
+    return None
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -189,7 +199,7 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
         torch.backends.cudnn.benchmark = True
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{model_name}: {n_params:,} parameters on {dev}; {len(train_ids)} train / {len(val)} val cases; "
-        f"patch {patch}, batch {batch_size}, budget {budget_s:.0f} s")
+        f"patch {patch}, batch {batch_size}, budget {budget_s:.0f} s, amp {amp}, scan backend {resolve_backend(dev)}")
 
     def checkpoint() -> None:
         _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
@@ -208,19 +218,27 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
         x, y, _ = augment_batch(x, y, rng, augment)
         for g in opt.param_groups:
             g["lr"] = lr * _lr_factor(step, elapsed, budget_s, max_steps)
+        first = step == (resumed_from or 0)
         try:
             with _autocast(dev, amp_now):
                 logits = model(x)
             loss = dice_ce_loss(logits, y)
-        except RuntimeError as e:  # e.g. an op without bf16 support: fall back to fp32 once
-            if amp_now == "none" or step > (resumed_from or 0):
+            opt.zero_grad(set_to_none=True)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+        except (RuntimeError, ValueError, TypeError, ImportError) as e:
+            fallback = _fallback(dev, amp_now) if first else None
+            if fallback is None:
                 raise
-            log(f"forward with amp={amp_now} failed ({type(e).__name__}: {str(e)[:200]}); using fp32")
-            amp_now = "none"
+            log(f"first step failed ({type(e).__name__}: {str(e)[:300]}); retrying with {fallback}")
+            opt.zero_grad(set_to_none=True)
+            if fallback == "amp=none":
+                amp_now = "none"
+            else:
+                os.environ[ENV_VAR] = "torch"
             continue
-        opt.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
+        if finite:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
             opt.step()
             lv = float(loss.detach())
@@ -231,7 +249,7 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
         now = time.perf_counter()
         elapsed = now - start
         if now - last_log >= log_every_s:
-            log(f"step {step} loss {loss_ema:.4f} {(step - steps_at_log) / (now - last_log):.2f} it/s "
+            log(f"step {step} loss {float('nan') if loss_ema is None else loss_ema:.4f} {(step - steps_at_log) / (now - last_log):.2f} it/s "
                 f"elapsed {elapsed:.0f}/{budget_s:.0f} s lr {opt.param_groups[0]['lr']:.2e}"
                 + (f" skipped(non-finite) {skipped}" if skipped else ""))
             last_log, steps_at_log = now, step
@@ -264,17 +282,17 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
         "labels": [{"value": i, "name": n, "color": c}
                    for i, (n, c) in enumerate(zip(contract.label_names, contract.label_colors))],
         "validation_dice": summary,
-        "training": {"steps": step, "seconds": round(elapsed, 1), "device": device_name, "amp": amp_now,
+        "training": {"steps": step, "seconds": round(elapsed, 1), "device": device_name, "amp": amp_now if dev.type == "cuda" else "none",
                      "batch_size": batch_size, "patch_size": list(patch), "optimizer": "AdamW",
                      "lr": lr, "weight_decay": weight_decay, "schedule": f"linear warm-up {WARMUP_STEPS} steps, "
                      "poly(0.9) over the time budget", "loss": "cross-entropy + soft Dice (foreground, batch)",
                      "augmentation": {k: v for k, v in vars(augment).items()}, "seed": seed,
-                     "non_finite_steps_skipped": skipped, "resumed_from_step": resumed_from,
+                     "non_finite_steps_skipped": skipped, "ssm_backend": resolve_backend(dev), "resumed_from_step": resumed_from,
                      "torch": torch.__version__},
         "intended_use": "Research only. Not a medical device; not for clinical decisions.",
     }
     atomic_write(out / "model_card.json", (json.dumps(card, indent=1) + "\n").encode())
-    log(f"val Dice: " + ", ".join(f"{k} {v['mean']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]"
+    log("val Dice: " + ", ".join(f"{k} {v['mean']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]"
                                   for k, v in summary["per_class"].items()))
     return card
 

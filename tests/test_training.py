@@ -1,0 +1,150 @@
+"""Training: cache, split, loss, Dice, trainer checkpoint/resume, weights and model card (CPU, small)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medmamba.training.augment import PatchSampler, augment_batch
+from napari_medmamba.training.dataset import CachedCases, build_cache, load_case_folder
+from napari_medmamba.training.losses import dice_ce_loss, dice_per_class
+from napari_medmamba.training.splits import DEFAULT_SPLIT, load_split, make_split
+
+
+@pytest.fixture(scope="module")
+def cache(hippocampus, tmp_path_factory):
+    cases = load_case_folder(hippocampus)[:4]
+    return build_cache(cases, tmp_path_factory.mktemp("cache") / "c.npz", source="MSD", licence="CC BY-SA 4.0")
+
+
+def test_cache_roundtrip(cache, hippocampus):
+    c = CachedCases.load(cache)
+    assert c.case_ids == ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]
+    assert all(i.dtype == np.float16 and lb.dtype == np.uint8 and i.shape == lb.shape
+               for i, lb in zip(c.images, c.labels))
+    assert abs(float(c.images[0].astype(np.float32).mean())) < 1e-2  # z-scored
+    assert set(np.unique(c.labels[0])) == {0, 1, 2}
+
+
+def test_nnunet_layout(tmp_path, hippocampus):
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    src = hippocampus / "imagesTr" / "hippocampus_001.nii.gz"
+    (tmp_path / "imagesTr" / "case_a_0000.nii.gz").symlink_to(src)
+    (tmp_path / "labelsTr" / "case_a.nii.gz").symlink_to(hippocampus / "labelsTr" / "hippocampus_001.nii.gz")
+    (tmp_path / "labelsTr" / "._case_a.nii.gz").write_bytes(b"")
+    cases = load_case_folder(tmp_path)
+    assert [(c.case_id, c.image_path.name) for c in cases] == [("case_a", "case_a_0000.nii.gz")]
+    (tmp_path / "labelsTr" / "case_b.nii.gz").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="case_b"):
+        load_case_folder(tmp_path)
+
+
+def test_shipped_split():
+    s = load_split(DEFAULT_SPLIT)
+    assert len(s["val"]) == 44 and len(s["train"]) == 176 and s["val"] == sorted(s["val"])
+    assert not set(s["train"]) & set(s["val"])
+    assert s == {**s, **make_split(s["train"] + s["val"], 44, seed=0, dataset=s["dataset"])}
+
+
+def test_dice_per_class_crafted():
+    t = np.zeros((4, 4, 4), int)
+    p = np.zeros_like(t)
+    t[0, :2] = 1   # 8 voxels of class 1
+    p[0, :1] = 1   # 4 of them predicted
+    p[3, 3, 3] = 2  # class 2 only in the prediction
+    d = dice_per_class(p, t, 3)
+    assert d[0] == pytest.approx(2 * 4 / 12) and d[1] == 0.0
+    assert np.isnan(dice_per_class(np.zeros_like(t), np.zeros_like(t), 3)).all()
+
+
+def test_ignore_mask_excludes_voxels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, 4)
+    target = torch.randint(0, 3, (2, 4, 4, 4))
+    ignore = torch.zeros_like(target, dtype=torch.bool)
+    ignore[:, :2] = True
+    base = dice_ce_loss(logits, target, ignore)
+    changed_t, changed_l = target.clone(), logits.clone()
+    changed_t[:, :2] = (target[:, :2] + 1) % 3
+    changed_l[:, :, :2] = torch.randn(2, 3, 2, 4, 4)
+    assert torch.allclose(base, dice_ce_loss(changed_l, changed_t, ignore))
+    assert not torch.allclose(base, dice_ce_loss(changed_l, changed_t))
+    g = logits.clone().requires_grad_()
+    dice_ce_loss(g, target, ignore).backward()
+    assert g.grad[:, :, :2].abs().max() == 0 and g.grad[:, :, 2:].abs().max() > 0
+
+
+def test_sampler_and_augment_shapes(cache):
+    c = CachedCases.load(cache)
+    s = PatchSampler(c.images, c.labels, (40, 56, 40))
+    rng = np.random.default_rng(0)
+    x, y = s.sample(6, rng)
+    assert x.shape == (6, 1, 40, 56, 40) and y.shape == (6, 40, 56, 40) and (y > 0).any()
+    xa, ya, m = augment_batch(torch.from_numpy(x), torch.from_numpy(y), rng,
+                              mask=torch.from_numpy(y > 0))
+    assert xa.shape == x.shape and ya.shape == y.shape and set(ya.unique().tolist()) <= {0, 1, 2}
+    assert torch.equal(m, ya > 0)  # the mask moves exactly like the labels
+
+
+def test_loss_decreases_on_one_batch(cache):
+    from napari_medmamba.models.zoo import build_model
+    torch.manual_seed(0)
+    c = CachedCases.load(cache)
+    x, y = PatchSampler(c.images, c.labels, (16, 16, 16), fg_fraction=1.0).sample(2, np.random.default_rng(0))
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    model = build_model("unet_3d")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(15):
+        loss = dice_ce_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_train_resume_weights_card(cache, tmp_path):
+    from napari_medmamba.models.checkpoints import load_checkpoint
+    from napari_medmamba.training.trainer import train
+
+    kw = dict(val_ids=["hippocampus_006"], batch_size=2, patch_size=(16, 16, 16), device="cpu",
+              budget_s=1e6, log=lambda s: None)
+    card = train("unet_3d", cache, tmp_path, max_steps=2, **kw)
+    assert card["training"]["steps"] == 2 and card["training"]["resumed_from_step"] is None
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and state["model_name"] == "unet_3d"
+    card = train("unet_3d", cache, tmp_path, max_steps=3, **kw)
+    assert card["training"]["resumed_from_step"] == 2 and card["training"]["steps"] == 3
+    weights = tmp_path / "weights.safetensors"
+    assert card["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    on_disk = json.loads((tmp_path / "model_card.json").read_text())
+    assert on_disk["weights_sha256"] == card["weights_sha256"]
+    assert set(on_disk["validation_dice"]["per_class"]) == {"anterior hippocampus", "posterior hippocampus"}
+    assert on_disk["training_data"]["licence"] == "CC BY-SA 4.0" and "hippocampus_006" in on_disk["training_data"]["val_cases"]
+    model = load_checkpoint(weights)
+    assert type(model).__name__ == "UNet" and next(model.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="overlap|not"):
+        train("unet_3d", cache, tmp_path / "x", max_steps=1,
+              split={"train": ["hippocampus_006"], "val": ["hippocampus_006"]}, **{**kw, "val_ids": None})
+
+
+def test_trainer_path_needs_no_simpleitk_or_qt():
+    code = (
+        "import builtins, sys\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *a, **k):\n"
+        "    if name.split('.')[0] in {'SimpleITK', 'nibabel', 'napari', 'qtpy'}: raise ImportError(name)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = imp\n"
+        "import napari_medmamba.training.trainer as t\n"
+        "assert callable(t.train)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
