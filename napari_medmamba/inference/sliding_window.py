@@ -63,7 +63,7 @@ def sliding_window(
 
     ``predict`` maps a (B, C, *patch) batch to (B, num_classes, *patch) probabilities on the
     CPU; ``batch_size()`` is read before every batch (it may shrink after an OOM). The
-    image is padded at the far end with its minimum up to the patch size, windows are
+    image (already normalised) is padded at the far end with 0 up to the patch size, windows are
     blended with Gaussian importance weights, and the padding is cropped away again.
     """
     if not 0.0 <= overlap < 1.0:
@@ -74,7 +74,7 @@ def sliding_window(
         pad: list[int] = []
         for s, p in zip(reversed(spatial), reversed(padded)):
             pad += [0, p - s]
-        image = torch.nn.functional.pad(image, pad, value=float(image.min()))
+        image = torch.nn.functional.pad(image, pad, value=0.0)  # 0 = the normalised mean, as in training
     tiles = tile_grid(padded, patch_size, overlap)
     weight = gaussian_importance(patch_size)
     probs = torch.zeros((num_classes, *padded), dtype=torch.float32)

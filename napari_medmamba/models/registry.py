@@ -7,11 +7,15 @@ The input contract is what the inference engine needs to feed a model correctly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Literal
 
 import torch.nn as nn
 
-__all__ = ["InputContract", "ModelSpec", "register", "get_model_spec", "list_models", "REGISTRY"]
+__all__ = ["WEIGHTS_DIR", "InputContract", "ModelSpec", "register", "get_model_spec", "list_models", "REGISTRY"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+"""The package's weights folder (the top-level ``weights/`` of the source tree, packaged into the wheel)."""
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,9 @@ from pathlib import Path
 import torch.nn as nn
 
 from .checkpoints import CheckpointError, load_checkpoint
-from .registry import ModelSpec, get_model_spec
+from .registry import WEIGHTS_DIR, ModelSpec, get_model_spec
 
 __all__ = ["WEIGHTS_DIR", "WeightsIntegrityError", "sha256_file", "weights_path", "load_registered_model"]
-
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-"""The package's weights folder (the top-level ``weights/`` of the source tree, packaged into the wheel)."""
-
 
 class WeightsIntegrityError(CheckpointError):
     """A shipped weights file is missing or its sha256 differs from the registry's."""

@@ -1,12 +1,14 @@
-"""The registered models: names, factories and input contracts (weights come with a later release)."""
+"""The registered models: names, factories, input contracts and, where trained, shipped weights + cards."""
 
 from __future__ import annotations
+
+import json
 
 import torch.nn as nn
 
 from .lightm_unet import LightMUNet
 from .mhs_vm import MHSVM
-from .registry import InputContract, ModelSpec, get_model_spec, register
+from .registry import WEIGHTS_DIR, InputContract, ModelSpec, get_model_spec, register
 from .unet import UNet
 
 __all__ = ["ARCHITECTURES", "DEFAULT_MODEL", "build_model", "default_model_name", "HIPPOCAMPUS_LABELS",
@@ -41,11 +43,20 @@ def _lightm(spatial_dims: int) -> nn.Module:
                       blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
 
 
+def _card(file_name: str) -> dict:
+    """A shipped model card (JSON beside the weights); empty when the file is absent."""
+    path = WEIGHTS_DIR / file_name
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 register(ModelSpec(
     name="lightm_unet_3d", factory=lambda: _lightm(3),
     contract=InputContract(spatial_dims=3, patch_size=_PATCH_3D, **_MR),
     description="LightM-UNet 3D (widths 32/64/128/256, as the official nnU-Net v2 trainer builds it); "
-                "hippocampus (anterior/posterior) on 1 mm MR."))
+                "hippocampus (anterior/posterior) on 1 mm MR.",
+    weights="lightm_unet_3d_hippocampus.safetensors",
+    sha256="d4c665f031827252492a8856e7b2d207a87e1df57cb52e8a2bd003f63df720d2",
+    card=_card("lightm_unet_3d_hippocampus.json")))
 register(ModelSpec(
     name="lightm_unet_2d", factory=lambda: _lightm(2),
     contract=InputContract(spatial_dims=2, patch_size=(56, 40), slice_axis=0, **_MR),

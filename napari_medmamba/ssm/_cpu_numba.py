@@ -3,7 +3,9 @@
 Layouts (all C-contiguous, one float dtype): u, delta, z, out: (batch, dim, L); A: (dim, N);
 Bt, Ct: (batch, G, L, N) (time-major so one step reads N adjacent values); D, delta_bias:
 (dim,). Absent D / z / delta_bias are passed as empty arrays with a flag, so each dtype
-compiles once. Per chunk and channel the kernels run vectorisable loops over time for the
+compiles once per kernel pair: one pair with the state size N fixed at compile time for each
+N in ``SPECIALISED_N`` (16, Mamba's default; LLVM then unrolls the loops over the state into
+vector code) and one generic pair reading N at run time. Per chunk and channel the kernels run vectorisable loops over time for the
 element-wise parts (bias, softplus, D skip, SiLU gate and their gradients) around the
 sequential recurrence h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t, y_t = C_t . h_t.
 
@@ -14,7 +16,10 @@ polynomial exp and log1p (about 1 ulp); float64 uses ``math`` (for tight tests).
 
 The backward recomputes the states of one chunk at a time from checkpoints saved by the
 forward (the state at every chunk start: O(batch*dim*N*L/chunk) memory), then runs the
-adjoint recurrence g_t = dy_t C_t + exp(dt_{t+1} A) g_{t+1} backwards through the chunk.
+adjoint recurrence g_t = dy_t C_t + exp(dt_{t+1} A) g_{t+1} backwards through the chunk,
+fused with the gradients of step t (du, ddelta, dB, dC, dA). Loops inside a chunk index 1-d
+slices from 0, so numba's negative-index wrap-around folds away and the element-wise loops
+(softplus, its slope, the gate) vectorise.
 """
 
 from __future__ import annotations
@@ -135,6 +140,18 @@ def _zero_like_overload(x):
     return lambda x: 0.0
 
 
+def _one_like(x):
+    """A one of the same float type as ``x``."""
+    return 1.0
+
+
+@overload(_one_like, inline="always")
+def _one_like_overload(x):
+    if x == types.float32:
+        return lambda x: np.float32(1.0)
+    return lambda x: 1.0
+
+
 def num_threads() -> int:
     """Threads numba's parallel loops use."""
     return numba.get_num_threads()
@@ -153,173 +170,212 @@ def _item_channels(item, groups, slices, per_group):
 
 
 @njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def _step_sizes(delta, b, d, t0, t1, bias, softplus, steps):
-    """steps[j] = softplus?(delta[b, d, t0 + j] + bias) for the chunk [t0, t1)."""
+def _step_sizes(delta_c, count, bias, softplus, steps):
+    """steps[j] = softplus?(delta_c[j] + bias) for j < count (``delta_c``: one chunk of a row)."""
     if softplus:
-        for t in range(t0, t1):
-            steps[t - t0] = scan_softplus(delta[b, d, t] + bias)
+        for j in range(count):
+            steps[j] = scan_softplus(delta_c[j] + bias)
     else:
-        for t in range(t0, t1):
-            steps[t - t0] = delta[b, d, t] + bias
+        for j in range(count):
+            steps[j] = delta_c[j] + bias
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH, error_model="numpy")
-def _forward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, slices, chunk,
-                    out, y_pre, checkpoints, last_state):  # pragma: no cover - compiled
-    batch, dim, length = u.shape
-    n_state = A.shape[1]
-    groups = Bt.shape[1]
-    has_d, has_z, has_bias = D.shape[0] > 0, z.shape[0] > 0, delta_bias.shape[0] > 0
-    save_states, save_y = checkpoints.shape[2] > 0, y_pre.shape[0] > 0
-    for item in prange(batch * groups * slices):
-        b, g, s, d0, d1 = _item_channels(item, groups, slices, dim // groups)
-        if d1 <= d0:
-            continue
-        h = np.zeros((d1 - d0, n_state), dtype=u.dtype)
-        steps = np.empty(chunk, dtype=u.dtype)
-        ys = np.empty(chunk, dtype=u.dtype)
-        for t0 in range(0, length, chunk):
-            t1 = min(t0 + chunk, length)
+@njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _step_sizes_grad(delta_c, count, bias, softplus, steps, slopes):
+    """``_step_sizes`` plus slopes[j] = d step / d delta (sigmoid, sharing softplus's exp)."""
+    one = _one_like(bias)
+    if softplus:
+        for j in range(count):
+            x = delta_c[j] + bias
+            e = scan_exp(-abs(x))  # softplus = max(x, 0) + log1p(e), sigmoid = (x >= 0 ? 1 : e) / (1 + e)
+            steps[j] = max(x, _zero_like(x)) + scan_log1p(e)
+            slopes[j] = (one if x >= 0 else e) / (one + e)
+    else:
+        for j in range(count):
+            steps[j] = delta_c[j] + bias
+            slopes[j] = one
+
+
+def _make_kernels(n_const: int):
+    """(forward, backward) kernels; ``n_const`` > 0 fixes the state size N at compile time.
+
+    With N a compile-time constant LLVM unrolls the per-step loops over the state and keeps
+    them in vector registers (no per-row loop set-up); ``n_const`` = 0 reads N from ``A``.
+    Inside a chunk the loops index 1-d slices from 0 so numba's negative-index wrap-around
+    folds away and the element-wise loops vectorise.
+    """
+
+    @njit(cache=True, parallel=True, fastmath=_FASTMATH, error_model="numpy")
+    def forward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, slices, chunk,
+                       out, y_pre, checkpoints, last_state):  # pragma: no cover - compiled
+        batch, dim, length = u.shape
+        n_state = n_const if n_const > 0 else A.shape[1]
+        groups = Bt.shape[1]
+        has_d, has_z, has_bias = D.shape[0] > 0, z.shape[0] > 0, delta_bias.shape[0] > 0
+        save_states, save_y = checkpoints.shape[2] > 0, y_pre.shape[0] > 0
+        for item in prange(batch * groups * slices):
+            b, g, s, d0, d1 = _item_channels(item, groups, slices, dim // groups)
+            if d1 <= d0:
+                continue
+            h = np.zeros((d1 - d0, n_state), dtype=u.dtype)
+            steps = np.empty(chunk, dtype=u.dtype)
+            ys = np.empty(chunk, dtype=u.dtype)
+            for t0 in range(0, length, chunk):
+                t1 = min(t0 + chunk, length)
+                count = t1 - t0
+                B_c, C_c = Bt[b, g, t0:t1], Ct[b, g, t0:t1]
+                for d in range(d0, d1):
+                    hd = h[d - d0]
+                    if save_states:
+                        cp = checkpoints[b, d, t0 // chunk]
+                        for n in range(n_state):
+                            cp[n] = hd[n]
+                    u_c, out_c = u[b, d, t0:t1], out[b, d, t0:t1]
+                    bias = delta_bias[d] if has_bias else _zero_like(u_c[0])
+                    _step_sizes(delta[b, d, t0:t1], count, bias, softplus, steps)
+                    a_row = A[d]
+                    for j in range(count):
+                        step = steps[j]
+                        drive = step * u_c[j]
+                        acc = _zero_like(step)
+                        for n in range(n_state):
+                            hn = scan_exp(step * a_row[n]) * hd[n] + drive * B_c[j, n]
+                            hd[n] = hn
+                            acc += hn * C_c[j, n]
+                        ys[j] = acc
+                    if has_d:
+                        skip = D[d]
+                        for j in range(count):
+                            ys[j] += skip * u_c[j]
+                    if has_z:
+                        z_c = z[b, d, t0:t1]
+                        if save_y:
+                            y_c = y_pre[b, d, t0:t1]
+                            for j in range(count):
+                                y_c[j] = ys[j]
+                        for j in range(count):
+                            gate = z_c[j]
+                            out_c[j] = ys[j] * gate * scan_sigmoid(gate)
+                    else:
+                        for j in range(count):
+                            out_c[j] = ys[j]
             for d in range(d0, d1):
-                hd = h[d - d0]
-                if save_states:
-                    for n in range(n_state):
-                        checkpoints[b, d, t0 // chunk, n] = hd[n]
-                bias = delta_bias[d] if has_bias else _zero_like(u[b, d, t0])
-                _step_sizes(delta, b, d, t0, t1, bias, softplus, steps)
-                a_row = A[d]
-                for t in range(t0, t1):
-                    step = steps[t - t0]
-                    drive = step * u[b, d, t]
-                    acc = _zero_like(step)
-                    for n in range(n_state):
-                        hn = scan_exp(step * a_row[n]) * hd[n] + drive * Bt[b, g, t, n]
-                        hd[n] = hn
-                        acc += hn * Ct[b, g, t, n]
-                    ys[t - t0] = acc
-                if has_d:
-                    skip = D[d]
-                    for t in range(t0, t1):
-                        ys[t - t0] += skip * u[b, d, t]
-                if has_z:
-                    if save_y:
-                        for t in range(t0, t1):
-                            y_pre[b, d, t] = ys[t - t0]
-                    for t in range(t0, t1):
-                        gate = z[b, d, t]
-                        out[b, d, t] = ys[t - t0] * gate * scan_sigmoid(gate)
-                else:
-                    for t in range(t0, t1):
-                        out[b, d, t] = ys[t - t0]
-        for d in range(d0, d1):
-            for n in range(n_state):
-                last_state[b, d, n] = h[d - d0, n]
-
-
-@njit(cache=True, parallel=True, fastmath=_FASTMATH, error_model="numpy")
-def _backward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, slices, chunk, y_pre, checkpoints,
-                     dout, d_last, du, ddelta, dz, dA_part, dBt, dCt, dD_part, dbias_part):  # pragma: no cover
-    batch, dim, length = u.shape
-    n_state = A.shape[1]
-    groups = Bt.shape[1]
-    has_d, has_z, has_bias = D.shape[0] > 0, z.shape[0] > 0, delta_bias.shape[0] > 0
-    n_chunks = checkpoints.shape[2]
-    for item in prange(batch * groups * slices):
-        b, g, s, d0, d1 = _item_channels(item, groups, slices, dim // groups)
-        if d1 <= d0:
-            continue
-        adj = np.empty((d1 - d0, n_state), dtype=u.dtype)
-        for d in range(d0, d1):
-            for n in range(n_state):
-                adj[d - d0, n] = d_last[b, d, n]
-        steps = np.empty(chunk, dtype=u.dtype)
-        dys = np.empty(chunk, dtype=u.dtype)
-        states = np.empty((chunk + 1, n_state), dtype=u.dtype)  # states[j] = h before step t0 + j
-        decays = np.empty((chunk, n_state), dtype=u.dtype)
-        adjoints = np.empty((chunk, n_state), dtype=u.dtype)
-        da_dt = np.empty((chunk, n_state), dtype=u.dtype)
-        dA_acc = np.zeros((d1 - d0, n_state), dtype=u.dtype)
-        for c in range(n_chunks - 1, -1, -1):
-            t0 = c * chunk
-            t1 = min(t0 + chunk, length)
-            for d in range(d0, d1):
-                a_row = A[d]
-                bias = delta_bias[d] if has_bias else _zero_like(u[b, d, t0])
-                _step_sizes(delta, b, d, t0, t1, bias, softplus, steps)
-                if has_z:  # out = y * silu(z): dy = dout * silu(z), dz = dout * y * silu'(z)
-                    for t in range(t0, t1):
-                        gate = z[b, d, t]
-                        sig = scan_sigmoid(gate)
-                        dys[t - t0] = dout[b, d, t] * gate * sig
-                        dz[b, d, t] = dout[b, d, t] * y_pre[b, d, t] * sig * (1 + gate * (1 - sig))
-                else:
-                    for t in range(t0, t1):
-                        dys[t - t0] = dout[b, d, t]
-                if has_d:
-                    acc = _zero_like(bias)
-                    for t in range(t0, t1):
-                        acc += dys[t - t0] * u[b, d, t]
-                    dD_part[b, d] += acc
                 for n in range(n_state):
-                    states[0, n] = checkpoints[b, d, c, n]
-                for t in range(t0, t1):  # recompute this chunk's states
-                    j = t - t0
-                    step = steps[j]
-                    drive = step * u[b, d, t]
+                    last_state[b, d, n] = h[d - d0, n]
+
+    @njit(cache=True, parallel=True, fastmath=_FASTMATH, error_model="numpy")
+    def backward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, slices, chunk, y_pre, checkpoints,
+                        dout, d_last, du, ddelta, dz, dA_part, dBt, dCt, dD_part, dbias_part):  # pragma: no cover
+        batch, dim, length = u.shape
+        n_state = n_const if n_const > 0 else A.shape[1]
+        groups = Bt.shape[1]
+        has_d, has_z, has_bias = D.shape[0] > 0, z.shape[0] > 0, delta_bias.shape[0] > 0
+        has_last = d_last.shape[0] > 0
+        n_chunks = checkpoints.shape[2]
+        for item in prange(batch * groups * slices):
+            b, g, s, d0, d1 = _item_channels(item, groups, slices, dim // groups)
+            if d1 <= d0:
+                continue
+            adj = np.zeros((d1 - d0, n_state), dtype=u.dtype)
+            if has_last:
+                for d in range(d0, d1):
                     for n in range(n_state):
-                        decay = scan_exp(step * a_row[n])
-                        decays[j, n] = decay
-                        states[j + 1, n] = decay * states[j, n] + drive * Bt[b, g, t, n]
-                gd = adj[d - d0]
-                for t in range(t1 - 1, t0 - 1, -1):  # adjoint recurrence, backwards in time
-                    j = t - t0
-                    dyt = dys[j]
+                        adj[d - d0, n] = d_last[b, d, n]
+            steps = np.empty(chunk, dtype=u.dtype)
+            slopes = np.empty(chunk, dtype=u.dtype)
+            dys = np.empty(chunk, dtype=u.dtype)
+            states = np.empty((chunk + 1, n_state), dtype=u.dtype)  # states[j] = h before step t0 + j
+            decays = np.empty((chunk, n_state), dtype=u.dtype)
+            drives = np.empty(chunk, dtype=u.dtype)
+            dA_acc = np.zeros((d1 - d0, chunk, n_state), dtype=u.dtype)
+            for c in range(n_chunks - 1, -1, -1):
+                t0 = c * chunk
+                t1 = min(t0 + chunk, length)
+                count = t1 - t0
+                B_c, C_c = Bt[b, g, t0:t1], Ct[b, g, t0:t1]
+                dB_c, dC_c = dBt[s, b, g, t0:t1], dCt[s, b, g, t0:t1]
+                for d in range(d0, d1):
+                    a_row = A[d]
+                    u_c, dout_c = u[b, d, t0:t1], dout[b, d, t0:t1]
+                    du_c, ddelta_c = du[b, d, t0:t1], ddelta[b, d, t0:t1]
+                    bias = delta_bias[d] if has_bias else _zero_like(u_c[0])
+                    one = _one_like(bias)
+                    skip = D[d] if has_d else _zero_like(bias)
+                    _step_sizes_grad(delta[b, d, t0:t1], count, bias, softplus, steps, slopes)
+                    if has_z:  # out = y * silu(z): dy = dout * silu(z), dz = dout * y * silu'(z)
+                        z_c, y_c, dz_c = z[b, d, t0:t1], y_pre[b, d, t0:t1], dz[b, d, t0:t1]
+                        for j in range(count):
+                            gate = z_c[j]
+                            sig = scan_sigmoid(gate)
+                            dys[j] = dout_c[j] * gate * sig
+                            dz_c[j] = dout_c[j] * y_c[j] * sig * (one + gate * (one - sig))
+                    else:
+                        for j in range(count):
+                            dys[j] = dout_c[j]
+                    if has_d:
+                        acc = _zero_like(bias)
+                        for j in range(count):
+                            acc += dys[j] * u_c[j]
+                        dD_part[b, d] += acc
+                    cp = checkpoints[b, d, c]
                     for n in range(n_state):
-                        gn = gd[n] + dyt * Ct[b, g, t, n]
-                        adjoints[j, n] = gn
-                        gd[n] = gn * decays[j, n]
-                # Gradients of this chunk, independent over t. Separate loops, each writing one
-                # array, so LLVM's alias checks stay few enough for it to vectorise them.
-                for t in range(t0, t1):
-                    j = t - t0
-                    step = steps[j]
-                    sum_gb = _zero_like(step)
-                    sum_da = _zero_like(step)
-                    for n in range(n_state):
-                        gn = adjoints[j, n]
-                        sum_gb += gn * Bt[b, g, t, n]
-                        da = gn * states[j, n] * decays[j, n]  # dL/d(dt*A) at (t, n)
-                        sum_da += da * a_row[n]
-                        da_dt[j, n] = da * step
-                    du[b, d, t] = step * sum_gb
-                    ddelta[b, d, t] = u[b, d, t] * sum_gb + sum_da  # d step; chain rule below
-                if has_d:
-                    skip = D[d]
-                    for t in range(t0, t1):
-                        du[b, d, t] += skip * dys[t - t0]
-                if softplus:
-                    for t in range(t0, t1):
-                        ddelta[b, d, t] *= scan_sigmoid(delta[b, d, t] + bias)
-                if has_bias:
-                    acc = _zero_like(bias)
-                    for t in range(t0, t1):
-                        acc += ddelta[b, d, t]
-                    dbias_part[b, d] += acc
-                acc_a = dA_acc[d - d0]
-                for j in range(t1 - t0):
-                    for n in range(n_state):
-                        acc_a[n] += da_dt[j, n]
-                for t in range(t0, t1):
-                    dyt = dys[t - t0]
-                    for n in range(n_state):
-                        dCt[s, b, g, t, n] += dyt * states[t - t0 + 1, n]
-                for t in range(t0, t1):
-                    drive_grad = steps[t - t0] * u[b, d, t]
-                    for n in range(n_state):
-                        dBt[s, b, g, t, n] += adjoints[t - t0, n] * drive_grad
-        for d in range(d0, d1):
-            for n in range(n_state):
-                dA_part[b, d, n] = dA_acc[d - d0, n]
+                        states[0, n] = cp[n]
+                    for j in range(count):
+                        drives[j] = steps[j] * u_c[j]
+                    for j in range(count):  # recompute this chunk's states
+                        step = steps[j]
+                        drive = drives[j]
+                        for n in range(n_state):
+                            decay = scan_exp(step * a_row[n])
+                            decays[j, n] = decay
+                            states[j + 1, n] = decay * states[j, n] + drive * B_c[j, n]
+                    # Adjoint recurrence backwards in time, fused with every gradient of the step;
+                    # dA is accumulated per (position in chunk, n), summed over positions at the end.
+                    gd = adj[d - d0]
+                    acc_a = dA_acc[d - d0]
+                    acc_bias = _zero_like(bias)
+                    for j in range(count - 1, -1, -1):
+                        dyt = dys[j]
+                        step = steps[j]
+                        drive = drives[j]
+                        sum_gb = _zero_like(step)
+                        sum_da = _zero_like(step)
+                        for n in range(n_state):
+                            gn = gd[n] + dyt * C_c[j, n]
+                            decay = decays[j, n]
+                            sum_gb += gn * B_c[j, n]
+                            da = gn * states[j, n] * decay  # dL/d(dt*A) at (t, n)
+                            sum_da += da * a_row[n]
+                            acc_a[j, n] += da * step
+                            dC_c[j, n] += dyt * states[j + 1, n]
+                            dB_c[j, n] += gn * drive
+                            gd[n] = gn * decay
+                        du_c[j] = step * sum_gb + skip * dyt
+                        grad_delta = (u_c[j] * sum_gb + sum_da) * slopes[j]
+                        ddelta_c[j] = grad_delta
+                        acc_bias += grad_delta
+                    if has_bias:
+                        dbias_part[b, d] += acc_bias
+            for d in range(d0, d1):
+                for n in range(n_state):
+                    acc = _zero_like(dA_acc[0, 0, 0])
+                    for j in range(chunk):
+                        acc += dA_acc[d - d0, j, n]
+                    dA_part[b, d, n] = acc
+
+    return forward_kernel, backward_kernel
+
+
+#: state sizes with kernels specialised at compile time (others share one generic pair)
+SPECIALISED_N = (16,)
+_KERNELS: dict[int, tuple] = {}
+
+
+def _kernels_for(n_state: int):
+    key = n_state if n_state in SPECIALISED_N else 0
+    if key not in _KERNELS:
+        _KERNELS[key] = _make_kernels(key)
+    return _KERNELS[key]
 
 
 def _empty(dtype):
@@ -341,7 +397,8 @@ def scan_forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus: bool, slices: 
     checkpoints = np.empty((batch, dim, n_chunks, n_state), dtype=u.dtype)
     last_state = np.empty((batch, dim, n_state), dtype=u.dtype)
     none = _empty(u.dtype)
-    _forward_kernel(u, delta, A, Bt, Ct, none if D is None else D, none.reshape(0, 0, 0) if z is None else z,
+    forward_kernel, _ = _kernels_for(n_state)
+    forward_kernel(u, delta, A, Bt, Ct, none if D is None else D, none.reshape(0, 0, 0) if z is None else z,
                     none if delta_bias is None else delta_bias, softplus, slices, chunk,
                     out, y_pre, checkpoints, last_state)
     return out, last_state, ((y_pre, checkpoints) if need_backward else None)
@@ -358,7 +415,7 @@ def scan_backward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus: bool, slices:
     batch, dim, _ = u.shape
     dtype = u.dtype
     if d_last is None:
-        d_last = np.zeros((batch, dim, A.shape[1]), dtype=dtype)
+        d_last = np.empty((0, 0, 0), dtype=dtype)
     du, ddelta = np.empty_like(u), np.empty_like(u)
     dz = np.empty_like(u) if z is not None else np.empty((0, 0, 0), dtype)
     dA_part = np.empty((batch,) + A.shape, dtype=dtype)
@@ -367,7 +424,8 @@ def scan_backward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus: bool, slices:
     dD_part = np.zeros((batch, dim), dtype=dtype)
     dbias_part = np.zeros((batch, dim), dtype=dtype)
     none = _empty(dtype)
-    _backward_kernel(u, delta, A, Bt, Ct, none if D is None else D, none.reshape(0, 0, 0) if z is None else z,
+    _, backward_kernel = _kernels_for(A.shape[1])
+    backward_kernel(u, delta, A, Bt, Ct, none if D is None else D, none.reshape(0, 0, 0) if z is None else z,
                      none if delta_bias is None else delta_bias, softplus, slices, chunk, y_pre, checkpoints,
                      dout, d_last, du, ddelta, dz, dA_part, dBt, dCt, dD_part, dbias_part)
     return (du, ddelta, dA_part.sum(0), dBt.sum(0) if slices > 1 else dBt[0], dCt.sum(0) if slices > 1 else dCt[0],
