@@ -250,3 +250,19 @@ def test_sample_without_nilearn_says_what_to_install(monkeypatch: pytest.MonkeyP
         samples.load_sample()
     with pytest.raises(KeyError, match="mni152_t1"):
         samples.sample_path("nope")
+
+
+def test_label_maps_open_as_labels_layers(tmp_path: Path) -> None:
+    """uint label maps named *label*/*seg*/*mask* open as Labels on the scan grid; others stay Images."""
+    from napari_medmamba._napari._reader import read_layers
+    from napari_medmamba.io import Geometry, Volume, write_labels, write_volume
+
+    scan = Volume(np.zeros((4, 5, 6), np.int16), Geometry((0.5, 0.7, 2.0), (1.0, 2.0, 3.0)))
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1:3, 2:4, 2:5] = 2
+    seg = write_labels(labels, like=scan, path=tmp_path / "case_seg.nii.gz")
+    img = write_volume(scan.with_array(labels), tmp_path / "case_t1.nii.gz")
+    (data, kwargs, kind), = read_layers(str(seg))
+    assert kind == "labels" and data.max() == 2
+    np.testing.assert_allclose(kwargs["scale"], (2.0, 0.7, 0.5), rtol=1e-6)  # NIfTI stores float32
+    assert read_layers(str(img))[0][2] == "image"

@@ -1,17 +1,18 @@
-"""npe2 reader: NIfTI, NRRD, MetaImage and DICOM (files or series folders) -> Image layer."""
+"""npe2 reader: NIfTI, NRRD, MetaImage and DICOM (files or series folders) -> Image or Labels layer."""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io import VolumeReadError, read_volume
+from ..io import Volume, VolumeReadError, read_volume
 from ..io.formats import is_dicom_file, volume_extension
-from ._layers import image_layer_data
+from ._layers import image_layer_data, labels_layer_data
 
-__all__ = ["get_reader", "accepts_path", "read_layers"]
+__all__ = ["get_reader", "accepts_path", "read_layers", "looks_like_labels"]
 
 _MAX_FILES_CHECKED = 64
 
@@ -57,15 +58,28 @@ def get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | 
     return read_layers
 
 
+_LABEL_NAME = re.compile(r"(label|seg|mask)", re.IGNORECASE)
+
+
+def looks_like_labels(volume: Volume) -> bool:
+    """A label map: unsigned integers, and 'label', 'seg' or 'mask' in the file name."""
+    return (volume.array.dtype.kind == "u" and volume.path is not None
+            and bool(_LABEL_NAME.search(Path(volume.path).name)))
+
+
 def read_layers(path: PathOrPaths, **_: Any) -> list[LayerData]:
-    """Read each path as one Image layer; broken files show a napari error instead of raising."""
+    """Read each path as one layer (Labels for label maps, Image otherwise); broken files notify, never raise."""
     from napari.utils.notifications import show_error
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     layers: list[LayerData] = []
     for p in paths:
         try:
-            layers.append(image_layer_data(read_volume(p)))
+            volume = read_volume(p)
+            if looks_like_labels(volume):
+                layers.append(labels_layer_data(volume.array, like=volume, name=volume.name))
+            else:
+                layers.append(image_layer_data(volume))
         except VolumeReadError as error:
             show_error(f"MedMamba could not read {p}: {error}")
     # [(None,)] tells napari/npe2 "handled, nothing to add" without a second error.
