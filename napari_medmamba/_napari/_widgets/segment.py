@@ -55,6 +55,9 @@ def model_summary(name: str) -> str:
     labels = ", ".join(n for n in c.label_names[1:]) or "none"
     modality = "any modality" if c.modality == "any" else c.modality
     weights = "trained weights" if spec.weights else "no trained weights yet"
+    dice = spec.card.get("validation_dice", {}).get("mean_foreground", {}).get("mean")
+    if dice is not None:
+        weights += f" (validation Dice {dice:.2f})"
     return f"{modality} · {c.spatial_dims}D · labels: {labels} · {weights}"
 
 
