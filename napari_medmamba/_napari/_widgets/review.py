@@ -26,8 +26,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ...annotation import AutosaveError, AutosaveSession, LabelHistory, interpolate_label, next_slice_to_review, slab
-from .._layers import METADATA_KEY
+from ...annotation import (AutosaveError, AutosaveSession, LabelHistory, interpolate_label, next_slice_to_review,
+                           scribble_refine, slab)
+from .._layers import METADATA_KEY, labels_layer_data
 from ._common import LayerSession, layer_volume, notify, session_for
 
 if TYPE_CHECKING:
@@ -130,6 +131,16 @@ class ReviewWidget(QWidget):
         interp_form.addRow("To slice:", self.slice_b)
         interp_form.addRow(self.interp_button)
 
+        scribble_box = QGroupBox("Refine a label from scribbles (current slice)")
+        self.scribble_button = QPushButton("Add scribble layer")
+        self.scribble_button.setToolTip("Paint 1 = inside and 2 = outside the label on the current slice")
+        self.refine_button = QPushButton("Refine slice")
+        self.refine_button.setToolTip("Re-segment the label on this slice from the model's probabilities and the scribbles")
+        scribble_row = QHBoxLayout(scribble_box)
+        scribble_row.addWidget(self.scribble_button)
+        scribble_row.addWidget(self.refine_button)
+        self.scribble_layer: Any = None
+
         self.undo_button = QPushButton("Undo")
         self.redo_button = QPushButton("Redo")
         undo_row = QHBoxLayout()
@@ -159,6 +170,7 @@ class ReviewWidget(QWidget):
         layout.addLayout(form)
         layout.addWidget(review_box)
         layout.addWidget(interp_box)
+        layout.addWidget(scribble_box)
         layout.addLayout(undo_row)
         layout.addWidget(self.edits_status)
         layout.addWidget(autosave_box)
@@ -167,6 +179,8 @@ class ReviewWidget(QWidget):
         self.next_button.clicked.connect(self.next_slice)
         self.reviewed_button.clicked.connect(self.mark_reviewed)
         self.interp_button.clicked.connect(self.interpolate)
+        self.scribble_button.clicked.connect(self.add_scribble_layer)
+        self.refine_button.clicked.connect(self.refine_from_scribbles)
         self.undo_button.clicked.connect(self.undo)
         self.redo_button.clicked.connect(self.redo)
         self.restore_button.clicked.connect(self.restore_autosave)
@@ -378,6 +392,48 @@ class ReviewWidget(QWidget):
         else:
             self.session.note_edited(np.unravel_index(entry.indices, history.labels.shape)[AXIS])
             self._update_status()
+        return True
+
+    def add_scribble_layer(self) -> Any:
+        """A Labels layer on the same grid for scribbles: 1 = inside the label, 2 = outside."""
+        if not self._require():
+            return None
+        volume = layer_volume(self.layer)
+        data, kwargs, _ = labels_layer_data(np.zeros(volume.shape, np.uint8), like=volume,
+                                            name=f"{self.layer.name} scribbles")
+        self.scribble_layer = self.viewer.add_labels(data, **kwargs)
+        self.scribble_layer.brush_size = 3
+        self.scribble_layer.selected_label = 1
+        self.scribble_layer.mode = "paint"
+        notify("info", "Scribble with label 1 inside and label 2 outside the structure, then press 'Refine slice'.")
+        return self.scribble_layer
+
+    def refine_from_scribbles(self) -> bool:
+        """Re-segment the chosen label on the current slice (random walker on the model's probabilities)."""
+        if not self._require():
+            return False
+        if self.session.probabilities is None:
+            notify("warning", f"{self.layer.name!r} has no model probabilities: run Segment first.")
+            return False
+        if self.scribble_layer is None or self.scribble_layer not in self.viewer.layers:
+            notify("warning", "Add a scribble layer and scribble on the slice first.")
+            return False
+        z, label, history = self.current_slice(), self.label_spin.value(), self.session.history
+        scribbles = np.asarray(self.scribble_layer.data)[z]
+        try:
+            new_slice = scribble_refine(self.session.probabilities, history.labels, scribbles == 1, scribbles == 2,
+                                        z, AXIS, label)
+            entry = history.apply("scribble", new_slice[None], region=slab(history.labels.shape, AXIS, z, z + 1),
+                                  axis=AXIS)
+        except (ValueError, IndexError) as exc:
+            notify("error", f"Cannot refine slice {z}: {exc}")
+            return False
+        self.scribble_layer.data[z] = 0
+        self.scribble_layer.refresh()
+        self.layer.refresh()
+        if entry is not None:
+            self.session.note_edited(np.array([z]))
+        self._update_status()
         return True
 
     def undo(self) -> None:
