@@ -38,6 +38,13 @@ class _StderrProgress:
         _stderr(f"[{self.case}] {stage} {percent:3d}%")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-medmamba",
@@ -62,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                       help="segment on a local Dask cluster of N worker processes (1 thread and, with GPUs, "
+                            "1 GPU each; listens on 127.0.0.1 only); needs napari-medmamba[dask]")
+    scale.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="segment on an existing Dask cluster, e.g. tcp://host:8786 or tls://host:8786 "
+                            "(workers must see the input and output paths); needs napari-medmamba[dask]")
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("models", help="list the registered models")
@@ -184,6 +198,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         _stderr("error: no input matched")
         return 1
     args.output.mkdir(parents=True, exist_ok=True)
+    if args.workers is not None or args.scheduler is not None:
+        return _segment_distributed(args, paths)
     net, contract, name, warnings = resolve_model(args.model or default_model_name())  # loaded once for all cases
     for warning in warnings:
         _stderr(f"warning: {warning}")
@@ -202,6 +218,37 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         except Exception as exc:  # one bad case is reported, the rest go on
             _stderr(f"[{case}] failed: {exc}")
             rows.append({"case": case, "status": f"failed: {exc}"})
+    return _finish_segment(args, rows)
+
+
+def _segment_distributed(args: argparse.Namespace, paths: list[Path]) -> int:
+    """``segment --workers N`` / ``--scheduler ADDRESS``: one Dask task per case (napari_medmamba.distributed)."""
+    from .distributed import DistributedUnavailable, connect, local_cluster, run_batch
+    from .models import default_model_name, get_model_spec
+
+    name = args.model or default_model_name()
+    spec = get_model_spec(name)  # unknown names fail here, before any cluster starts
+    if spec.weights is None:
+        _stderr(f"warning: model {name!r} runs with random weights (it has no trained weights yet): the labels are meaningless")
+    log = None if args.quiet else _stderr
+    try:
+        if args.scheduler is not None:
+            cluster = connect(args.scheduler)
+        else:
+            cluster = local_cluster(args.workers, device=args.device, log=_stderr)
+        with cluster as client:
+            rows = run_batch(client, paths, args.output, name, device=args.device, mode=args.mode,
+                             overwrite=args.overwrite, log=log)
+    except DistributedUnavailable as exc:
+        _stderr(f"error: {exc}")
+        return 2
+    except (OSError, TimeoutError, RuntimeError, ValueError) as exc:  # e.g. no scheduler at ADDRESS
+        _stderr(f"error: cluster: {exc}")
+        return 1
+    return _finish_segment(args, rows)
+
+
+def _finish_segment(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:
     _write_summary_csv(rows, args.output / "summary.csv")
     failed = sum(r["status"].startswith("failed") for r in rows)
     if args.json:
