@@ -108,6 +108,24 @@ def _source_datasets(source: Volume, path: Path) -> list[Any]:
     return datasets
 
 
+_SITE_KEYWORDS = ("InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName",
+                  "DeviceSerialNumber", "OperatorsName")
+
+
+def _drop_site_identifiers(seg: Any) -> None:
+    """Remove the hospital's name/address and scanner serial highdicom copies from the source.
+
+    highdicom lists the source's acquisition equipment in ContributingEquipmentSequence,
+    including InstitutionName/Address, StationName and the scanner's DeviceSerialNumber;
+    only the patient and study modules are meant to be copied, so those are dropped
+    (manufacturer, model and software versions stay as provenance).
+    """
+    for item in seg.get("ContributingEquipmentSequence", []):
+        for keyword in _SITE_KEYWORDS:
+            if keyword in item:
+                delattr(item, keyword)
+
+
 def _segment_codes(value: int, codes_for: Mapping[int, tuple[Any, Any]] | None, codes: Any) -> tuple[Any, Any]:
     if codes_for and value in codes_for:
         return codes_for[value]
@@ -130,6 +148,8 @@ def export_dicom_seg(
     series_number: int = 300,
     content_creator_name: str | None = None,
     manufacturer: str = "napari-medmamba",
+    deidentify: bool = False,
+    pseudonym: str | None = None,
 ) -> Path:
     """Write ``labels`` (on ``source``'s grid) as a DICOM-SEG file at ``path``; returns the path.
 
@@ -139,6 +159,13 @@ def export_dicom_seg(
     ``segment_codes`` maps label values to (category, type) codes (pydicom ``Code``);
     by default both are SCT "Anatomical Structure". Raises :class:`DicomSourceError`
     when ``source`` is not a DICOM series, :class:`ExportError` for other problems.
+
+    By default the SEG carries the source's patient and study identifiers (so a PACS files
+    it with the scan). ``deidentify=True`` instead applies
+    :func:`napari_medmamba.privacy.deidentify_dataset` to the source headers first: patient
+    name ``pseudonym`` (default "ANONYMOUS"), patient ID ``pseudonym`` (default empty),
+    no birth date, study identifiers emptied, and new study/series/frame-of-reference/
+    instance UIDs (randomly salted, so they do not match the original series).
     """
     path = Path(path)
     if source.dicom is None:
@@ -166,6 +193,15 @@ def export_dicom_seg(
     if algorithm_type not in ALGORITHM_TYPES:
         raise ExportError(path, f"algorithm_type must be one of {', '.join(ALGORITHM_TYPES)}, got {algorithm_type!r}")
     sources = _source_datasets(source, path)
+    if deidentify:
+        from ..privacy import DEIDENTIFIED_PATIENT_NAME, UidMap, deidentify_dataset
+
+        uid_map = UidMap()
+        sources = [
+            deidentify_dataset(ds, uid_map, patient_name=pseudonym or DEIDENTIFIED_PATIENT_NAME,
+                               patient_id=pseudonym or "")
+            for ds in sources
+        ]
 
     names = label_names_dict(label_names)
     algorithm = None
@@ -213,6 +249,7 @@ def export_dicom_seg(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ExportError(path, f"highdicom refused the segmentation: {exc}") from None
+    _drop_site_identifiers(seg)
     try:
         return atomic_write(path, lambda fh: seg.save_as(fh, enforce_file_format=True))
     except OSError as exc:

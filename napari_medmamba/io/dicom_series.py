@@ -61,7 +61,15 @@ def _read_header(path: Path) -> _Slice | None:
     """The slice header of ``path``, or None when it is not a DICOM image with a position."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for _ in ds.iterall():  # decode every element now: malformed values raise here, not later
+            pass
+        if getattr(ds, "file_meta", None) is not None:
+            for _ in ds.file_meta:
+                pass
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, AttributeError):
+        return None
+    except Exception as error:  # hostile files: pydicom raises NotImplementedError, struct.error, MemoryError ...
+        logger.debug("ignoring %s: malformed DICOM header (%s: %s)", path, type(error).__name__, error)
         return None
     if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "Rows" not in ds:
         logger.debug("ignoring %s: not a positioned DICOM image", path)

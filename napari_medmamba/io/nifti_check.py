@@ -8,6 +8,7 @@ is read.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 
 from .errors import VolumeReadError
 
-__all__ = ["check_nifti_complete", "nifti_layout"]
+__all__ = ["check_nifti_complete", "check_nifti_geometry_finite", "nifti_layout"]
 
 _CHUNK = 1 << 22
 
@@ -40,7 +41,10 @@ def nifti_layout(path: Path) -> tuple[tuple[int, ...], int, int] | None:
         if size == 348:
             dim = struct.unpack(endian + "8h", raw[40:56])
             bitpix = struct.unpack(endian + "h", raw[72:74])[0]
-            offset = int(struct.unpack(endian + "f", raw[108:112])[0])
+            offset_f = struct.unpack(endian + "f", raw[108:112])[0]
+            if not math.isfinite(offset_f):  # NaN/inf vox_offset: int() would raise
+                raise VolumeReadError(path, f"the NIfTI header's vox_offset is {offset_f}, not a byte offset")
+            offset = int(offset_f)
             break
         if size == 540 and len(raw) == 540:
             bitpix = struct.unpack(endian + "h", raw[14:16])[0]
@@ -88,3 +92,32 @@ def check_nifti_complete(path: Path) -> None:
     if actual < expected:
         problem = f"the file is truncated: the header needs {expected:,} bytes but it holds {actual:,}"
         raise VolumeReadError(path, problem)
+
+
+# (offset, struct format) of the float fields that place the grid: pixdim[1..3], quatern_b..qoffset_z, srow_x..z
+_GEOMETRY_FIELDS = {348: ((80, "3f"), (256, "6f"), (280, "12f")), 540: ((112, "3d"), (352, "6d"), (400, "12d"))}
+
+
+def check_nifti_geometry_finite(path: Path) -> None:
+    """Raise :class:`VolumeReadError` when the header's spacing, quaternion or sform holds NaN or infinity.
+
+    ITK's NIfTI reader loops forever on some such headers (an infinite srow value),
+    so this runs before ITK reads the header.
+    """
+    try:
+        with _open(path) as fh:
+            raw = fh.read(540)
+    except (OSError, EOFError, zlib.error):
+        return
+    for endian in "<>":
+        if len(raw) >= 4 and struct.unpack(endian + "i", raw[:4])[0] in _GEOMETRY_FIELDS:
+            size = struct.unpack(endian + "i", raw[:4])[0]
+            break
+    else:
+        return
+    if len(raw) < size:
+        return
+    for offset, fmt in _GEOMETRY_FIELDS[size]:
+        values = struct.unpack_from(endian + fmt, raw, offset)
+        if not all(math.isfinite(v) for v in values):
+            raise VolumeReadError(path, "the NIfTI header's voxel spacing or orientation holds NaN or infinity")

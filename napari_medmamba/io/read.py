@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,8 +16,9 @@ from .dicom_series import find_dicom_series
 from .errors import VolumeReadError, itk_message
 from .formats import VOLUME_EXTENSIONS, is_dicom_file, volume_extension
 from .limits import MAX_VOXELS_ENV, default_max_voxels
-from .nifti_check import check_nifti_complete
+from .nifti_check import check_nifti_complete, check_nifti_geometry_finite
 from .sitk_array import array_from_image
+from .text_header import check_text_header
 from .volume import Geometry, Volume
 
 __all__ = ["read_volume"]
@@ -40,6 +42,8 @@ def read_volume(path: str | PathLike[str], series: str | None = None, max_voxels
         raise VolumeReadError(path, "no such file or folder")
     if path.is_dir():
         return _read_dicom(path, series, limit)
+    if not path.is_file():  # opening a FIFO would block forever; a device may never end
+        raise VolumeReadError(path, "not a regular file (a pipe, socket or device cannot be read as a scan)")
     ext = volume_extension(path)
     if ext is None:
         if is_dicom_file(path):
@@ -65,7 +69,7 @@ def _check_grid(path: Path, size: tuple[int, ...], components: int, limit: int) 
         raise VolumeReadError(path, f"is a {len(size)}D image ({shape}); a 3D volume is needed")
     if 0 in size:
         raise VolumeReadError(path, f"has an axis of size 0 (x, y, z size {tuple(size)})")
-    voxels = int(np.prod(size, dtype=np.int64))
+    voxels = math.prod(int(s) for s in size)  # exact: np.prod in int64 wraps to 0 for 2**31 per axis
     if voxels > limit:
         raise VolumeReadError(
             path,
@@ -111,6 +115,10 @@ def _read_file(path: Path, ext: str, limit: int) -> Volume:
 
 
 def _read_file_as(path: Path, itk_path: Path, ext: str, limit: int) -> Volume:
+    if ext in (".nrrd", ".nhdr", ".mha", ".mhd"):
+        check_text_header(path, ext, limit)  # ITK crashes, overflows or hangs on some hostile headers
+    elif ext in (".nii", ".nii.gz"):
+        check_nifti_geometry_finite(path)  # ITK loops forever on an infinite sform
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(itk_path))
     try:
