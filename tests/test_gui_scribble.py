@@ -34,6 +34,7 @@ def test_scribbles_refine_the_current_slice_and_undo(make_napari_viewer) -> None
 
     scribbles = review.add_scribble_layer()
     assert scribbles.data.shape == labels.shape
+    assert review.layer is layer and review.layer_combo.findText(scribbles.name) == -1  # not a label map to review
     viewer.dims.set_point(0, 2)
     assert review.current_slice() == 2
     scribbles.data[2, 10:22, 16] = 1          # a stroke inside the disc

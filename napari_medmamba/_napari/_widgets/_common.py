@@ -33,8 +33,30 @@ __all__ = [
     "layer_volume",
     "label_colormap",
     "notify",
+    "refill_layer_combo",
     "session_for",
+    "SCRIBBLES_KEY",
 ]
+
+SCRIBBLES_KEY = "medmamba_scribbles"
+"""Metadata flag of scribble layers: helper layers that the label pickers leave out."""
+
+
+def refill_layer_combo(combo: Any, layers: Any, kind: type, newest: bool = False) -> str:
+    """Fill ``combo`` with the names of ``kind`` layers (scribble layers left out), keeping the
+    current choice when it still exists, else the first (or, with ``newest``, the last) layer.
+    Signals are blocked while filling; returns the selected name ('' when there is none)."""
+    names = [layer.name for layer in layers if isinstance(layer, kind) and not layer.metadata.get(SCRIBBLES_KEY)]
+    current = combo.currentText()
+    combo.blockSignals(True)
+    combo.clear()
+    combo.addItems(names)
+    if current in names:
+        combo.setCurrentText(current)
+    elif names:
+        combo.setCurrentIndex(len(names) - 1 if newest else 0)
+    combo.blockSignals(False)
+    return combo.currentText()
 
 
 def notify(level: str, message: str) -> None:

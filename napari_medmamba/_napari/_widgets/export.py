@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
 
 from ...export import export_dicom_seg, export_meshes, export_summary_json, export_volumes_csv, label_stats, write_labels
 from ...io import Volume
-from ._common import hex_to_rgb01, layer_volume, notify, session_for
+from ._common import hex_to_rgb01, layer_volume, notify, refill_layer_combo, session_for
 
 if TYPE_CHECKING:
     import napari
@@ -174,17 +174,7 @@ class ExportWidget(QWidget):
     def _refresh_layers(self, *_: Any) -> None:
         from napari.layers import Labels
 
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Labels)]
-        current = self.layer_combo.currentText()
-        self.layer_combo.blockSignals(True)
-        self.layer_combo.clear()
-        self.layer_combo.addItems(names)
-        if current in names:
-            self.layer_combo.setCurrentText(current)
-        elif names:
-            self.layer_combo.setCurrentIndex(len(names) - 1)
-        self.layer_combo.blockSignals(False)
-        self._layer_changed(self.layer_combo.currentText())
+        self._layer_changed(refill_layer_combo(self.layer_combo, self.viewer.layers, Labels, newest=True))
 
     def selected_layer(self) -> Any:
         name = self.layer_combo.currentText()

@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
 from ...annotation import (AutosaveError, AutosaveSession, LabelHistory, interpolate_label, next_slice_to_review,
                            scribble_refine, slab)
 from .._layers import METADATA_KEY, labels_layer_data
-from ._common import LayerSession, layer_volume, notify, session_for
+from ._common import SCRIBBLES_KEY, LayerSession, layer_volume, notify, refill_layer_combo, session_for
 
 if TYPE_CHECKING:
     import napari
@@ -195,17 +195,7 @@ class ReviewWidget(QWidget):
     def _refresh_layers(self, *_: Any) -> None:
         from napari.layers import Labels
 
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Labels)]
-        current = self.layer_combo.currentText()
-        self.layer_combo.blockSignals(True)
-        self.layer_combo.clear()
-        self.layer_combo.addItems(names)
-        if current in names:
-            self.layer_combo.setCurrentText(current)
-        elif names:
-            self.layer_combo.setCurrentIndex(len(names) - 1)  # the newest labels
-        self.layer_combo.blockSignals(False)
-        self._select_layer(self.layer_combo.currentText())
+        self._select_layer(refill_layer_combo(self.layer_combo, self.viewer.layers, Labels, newest=True))
 
     def _select_layer(self, name: str) -> None:
         layer = self.viewer.layers[name] if name and name in self.viewer.layers else None
@@ -401,6 +391,7 @@ class ReviewWidget(QWidget):
         volume = layer_volume(self.layer)
         data, kwargs, _ = labels_layer_data(np.zeros(volume.shape, np.uint8), like=volume,
                                             name=f"{self.layer.name} scribbles")
+        kwargs["metadata"] = {**kwargs["metadata"], SCRIBBLES_KEY: True}
         self.scribble_layer = self.viewer.add_labels(data, **kwargs)
         self.scribble_layer.brush_size = 3
         self.scribble_layer.selected_label = 1

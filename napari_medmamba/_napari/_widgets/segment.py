@@ -31,7 +31,7 @@ from ...inference import SegmentationCancelled, SegmentationInputError, Segmenta
 from ...io import Volume
 from ...models import default_model_name, get_model_spec, list_models
 from .._layers import METADATA_KEY, geometry_kwargs, labels_layer_data, volume_metadata
-from ._common import LayerSession, SESSIONS, StallMonitor, label_colormap, layer_volume, notify
+from ._common import SESSIONS, LayerSession, StallMonitor, label_colormap, layer_volume, notify, refill_layer_combo
 
 if TYPE_CHECKING:
     import napari
@@ -157,16 +157,7 @@ class SegmentWidget(QWidget):
     def _refresh_images(self, *_: Any) -> None:
         from napari.layers import Image
 
-        current = self.image_combo.currentText()
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
-        self.image_combo.blockSignals(True)
-        self.image_combo.clear()
-        self.image_combo.addItems(names)
-        if current in names:
-            self.image_combo.setCurrentText(current)
-        elif names:
-            self.image_combo.setCurrentIndex(0)
-        self.image_combo.blockSignals(False)
+        refill_layer_combo(self.image_combo, self.viewer.layers, Image)
 
     def _update_card(self, name: str) -> None:
         if not name:
