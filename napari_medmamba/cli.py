@@ -78,6 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
                             "(workers must see the input and output paths); needs napari-medmamba[dask]")
     p.set_defaults(func=_cmd_segment)
 
+    p = sub.add_parser("export", help="export a label map: label maps, DICOM-SEG, volume CSV, meshes, JSON")
+    p.add_argument("labels", type=Path, help="label map on the scan's grid (NIfTI, NRRD, MHA)")
+    p.add_argument("--scan", type=Path, required=True, help="the source scan (a DICOM folder for DICOM-SEG)")
+    p.add_argument("--output", "-o", type=Path, required=True, help="output folder")
+    p.add_argument("--formats", nargs="+", default=["csv", "json"], metavar="FORMAT",
+                   help="any of: nifti nrrd mha dicom_seg csv stl obj json (default: csv json)")
+    p.add_argument("--model", default=None, help="model whose label names/colours to use (default: the default model)")
+    p.add_argument("--json", action="store_true", help="print the written files as JSON")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("train", help="train a registered architecture on a folder of image/label pairs")
+    p.add_argument("data", type=Path, help="folder with imagesTr/ and labelsTr/ (MSD or nnU-Net raw layout)")
+    p.add_argument("--output", "-o", type=Path, required=True, help="folder for checkpoint, weights and model card")
+    p.add_argument("--model", default=None, help="registered architecture (default: the default model)")
+    p.add_argument("--budget-s", type=float, default=600.0, help="training time in seconds (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--split", type=Path, default=None, help="split JSON with 'train' and 'val' case ids")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share when no --split (default: 0.2)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the model card as JSON")
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_models)
@@ -271,6 +296,72 @@ def _write_summary_csv(rows: list[dict[str, Any]], path: Path) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, text.getvalue().encode())
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export.all_formats import FORMATS, run_exports, safe_stem
+    from .io import VolumeReadError, read_volume
+    from .io.volume import scan_name
+    from .models import default_model_name, get_model_spec
+
+    unknown = [f for f in args.formats if f not in FORMATS]
+    if unknown:
+        _stderr(f"error: unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+        return 2
+    try:
+        scan, labels = read_volume(args.scan), read_volume(args.labels)
+    except VolumeReadError as exc:
+        _stderr(f"error: {exc}")
+        return 1
+    if labels.shape != scan.shape or not labels.geometry.isclose(scan.geometry, atol=1e-4):
+        _stderr(f"error: {args.labels} is not on the grid of {args.scan} (shape {labels.shape} vs {scan.shape})")
+        return 1
+    contract = get_model_spec(args.model or default_model_name()).contract
+    written, errors = run_exports(labels.array, scan, args.output, safe_stem(scan_name(args.labels)), args.formats,
+                                  label_names=contract.label_names, label_colors=contract.label_colors,
+                                  model_name=args.model)
+    for message in errors:
+        _stderr(f"error: {message}")
+    if args.json:
+        print(json.dumps({"written": [str(p) for p in written], "errors": errors}, indent=2))
+    else:
+        for path in written:
+            print(path)
+    return 1 if errors else 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .models import default_model_name
+    from .training.dataset import build_cache, load_case_folder
+    from .training.splits import load_split, make_split, save_split
+    from .training.trainer import train
+
+    name = args.model or default_model_name()
+    cases = load_case_folder(args.data)
+    if len(cases) < 2:
+        _stderr(f"error: {args.data} holds {len(cases)} labelled case(s); training needs at least 2")
+        return 1
+    args.output.mkdir(parents=True, exist_ok=True)
+    if args.split:
+        split = load_split(args.split)
+    else:
+        n_val = min(len(cases) - 1, max(1, round(args.val_fraction * len(cases))))
+        split = make_split([c[0] for c in cases], n_val, seed=args.seed, dataset=str(args.data.name))
+    save_split(split, args.output / "split.json")
+    cache = args.output / "cache.npz"
+    if not cache.exists():
+        _stderr(f"preparing {len(cases)} cases for {name} -> {cache}")
+        build_cache(cases, cache, model_name=name, source=str(args.data.name), log=_stderr)
+    card = train(name, cache, args.output, budget_s=args.budget_s, split=split, batch_size=args.batch_size,
+                 seed=args.seed, device=args.device, log=_stderr, max_steps=args.max_steps,
+                 patch_size=args.patch_size)
+    if args.json:
+        print(json.dumps(card, indent=2))
+    else:
+        dice = card["validation_dice"]["mean_foreground"]
+        print(f"{args.output / 'weights.safetensors'}: validation Dice {dice['mean']:.3f} "
+              f"[{dice['ci95'][0]:.3f}, {dice['ci95'][1]:.3f}] on {card['validation_dice']['n_cases']} cases")
+    return 0
 
 
 DEMO_SAMPLE = "mni152_t1_right_hippocampus"

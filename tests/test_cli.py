@@ -75,3 +75,43 @@ def test_demo_runs_offline_on_the_bundled_sample(tmp_path: Path) -> None:
     row = json.loads(proc.stdout)
     labels, scan = read_volume(row["output"]), read_volume(row["scan"])
     assert labels.shape == scan.shape == (36, 52, 36) and labels.geometry.isclose(scan.geometry)
+
+
+def test_export_writes_each_format_on_the_scan_grid(dicom_series: Path, tmp_path: Path, capsys) -> None:
+    import numpy as np
+
+    from napari_medmamba.io import write_labels
+
+    scan = read_volume(dicom_series)
+    labels = np.zeros(scan.shape, np.uint8)
+    labels[5:9, 200:260, 220:300] = 1
+    labels_path = write_labels(labels, like=scan, path=tmp_path / "case_labels.nii.gz")
+    out = tmp_path / "export"
+    code = main(["export", str(labels_path), "--scan", str(dicom_series), "-o", str(out),
+                 "--formats", "nrrd", "dicom_seg", "csv", "json", "--json"])
+    assert code == 0, capsys.readouterr().err
+    written = [Path(p) for p in json.loads(capsys.readouterr().out)["written"]]
+    assert {p.suffix for p in written} >= {".nrrd", ".dcm", ".csv", ".json"}
+    nrrd = read_volume(next(p for p in written if p.suffix == ".nrrd"))
+    assert nrrd.geometry.isclose(scan.geometry) and (nrrd.array == labels).all()
+    rows = list(csv.DictReader(next(p for p in written if p.suffix == ".csv").open()))
+    expected_ml = labels.sum() * scan.geometry.voxel_volume_ml
+    assert any(abs(float(r["volume_ml"]) - expected_ml) < 1e-3 for r in rows if r["label_value"] == "1")
+    assert main(["export", str(labels_path), "--scan", str(dicom_series), "-o", str(out), "--formats", "png"]) == 2
+
+
+def test_train_on_a_folder_writes_weights_card_and_split(hippocampus: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    for sub in ("imagesTr", "labelsTr"):
+        (data / sub).mkdir(parents=True)
+        for src in sorted((hippocampus / sub).glob("hippocampus_00*.nii.gz"))[:4]:
+            (data / sub / src.name).symlink_to(src)
+    out = tmp_path / "run"
+    code = main(["train", str(data), "-o", str(out), "--model", "unet_3d", "--max-steps", "2", "--batch-size", "2",
+                 "--patch-size", "16", "16", "16", "--budget-s", "120", "--device", "cpu", "--json"])
+    assert code == 0
+    card = json.loads(capsys.readouterr().out)
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["val"]) == 1 and len(split["train"]) == 3 and not set(split["val"]) & set(split["train"])
+    assert card["training"]["steps"] == 2 and (out / "weights.safetensors").is_file()
+    assert card["validation_dice"]["n_cases"] == 1

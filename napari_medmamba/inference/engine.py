@@ -13,7 +13,6 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Literal, Union
 
 import numpy as np

@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 from .dicom_series import find_dicom_series

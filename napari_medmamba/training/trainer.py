@@ -12,7 +12,6 @@ import copy
 import hashlib
 import io
 import json
-import math
 import os
 import platform
 import time

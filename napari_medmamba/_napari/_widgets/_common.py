@@ -119,9 +119,6 @@ def label_colormap(colors: list[str] | tuple[str, ...]) -> Any:
     return DirectLabelColormap(color_dict=mapping)
 
 
-def hex_to_rgb01(color: str) -> tuple[float, float, float]:
-    color = color.lstrip("#")
-    return tuple(int(color[i : i + 2], 16) / 255.0 for i in (0, 2, 4))  # type: ignore[return-value]
 
 
 @dataclass
