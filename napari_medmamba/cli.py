@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the model card as JSON")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("bench", help="time the selective scan and a segmentation on this machine")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_bench)
+
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_models)
@@ -361,6 +367,68 @@ def _cmd_train(args: argparse.Namespace) -> int:
         dice = card["validation_dice"]["mean_foreground"]
         print(f"{args.output / 'weights.safetensors'}: validation Dice {dice['mean']:.3f} "
               f"[{dice['ci95'][0]:.3f}, {dice['ci95'][1]:.3f}] on {card['validation_dice']['n_cases']} cases")
+    return 0
+
+
+BENCH_SCAN_SHAPES = ((1, 64, 89600, 16), (1, 128, 11200, 16))
+"""(B, D, L, N) of the default model's two largest scan calls at its default patch (docs/models.md)."""
+
+
+def _median_seconds(fn: Any, repeats: int) -> float:
+    import statistics
+
+    fn()  # warm-up (compilation, caches)
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .inference import resolve_model, segment
+    from .inference.planner import choose_device
+    from .models import default_model_name
+    from .samples import load_sample
+    from .ssm import selective_scan_fn
+    from .ssm.dispatch import resolve_backend
+
+    device = str(choose_device(args.device))
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator().manual_seed(0)
+    for batch, dim, length, n in BENCH_SCAN_SHAPES:
+        def rand(*size: int, scale: float = 1.0) -> torch.Tensor:
+            return (torch.randn(*size, generator=gen) * scale).to(device)
+
+        inputs = dict(u=rand(batch, dim, length), delta=rand(batch, dim, length, scale=0.5), A=-rand(dim, n).abs() - 0.5,
+                      B=rand(batch, n, length), C=rand(batch, n, length), D=rand(dim), z=rand(batch, dim, length),
+                      delta_bias=rand(dim), delta_softplus=True)
+
+        def scan() -> None:
+            with torch.no_grad():
+                selective_scan_fn(**inputs)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        seconds = _median_seconds(scan, args.repeats)
+        backend = resolve_backend(device)
+        rows.append({"what": f"selective scan {(batch, dim, length, n)} fp32 forward ({backend})", "seconds": seconds})
+    volume = load_sample(DEMO_SAMPLE)
+    net, contract, name, _ = resolve_model(default_model_name())
+    model = (net, contract, name)
+    seconds = _median_seconds(lambda: segment(volume, model, device=device, return_probabilities=False), args.repeats)
+    rows.append({"what": f"segment {DEMO_SAMPLE} {volume.shape} with {name} (accurate)", "seconds": seconds})
+    info = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(), "results": rows}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}")
+        print("| measurement | seconds |\n|---|---|")
+        for row in rows:
+            print(f"| {row['what']} | {row['seconds']:.3f} |")
     return 0
 
 

@@ -115,3 +115,11 @@ def test_train_on_a_folder_writes_weights_card_and_split(hippocampus: Path, tmp_
     assert len(split["val"]) == 1 and len(split["train"]) == 3 and not set(split["val"]) & set(split["train"])
     assert card["training"]["steps"] == 2 and (out / "weights.safetensors").is_file()
     assert card["validation_dice"]["n_cases"] == 1
+
+
+def test_bench_reports_scan_and_segmentation_times(capsys) -> None:
+    assert main(["bench", "--repeats", "1", "--device", "cpu", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["device"] == "cpu" and len(info["results"]) == 3
+    assert all(r["seconds"] > 0 for r in info["results"])
+    assert "(cpu)" in info["results"][0]["what"] and "lightm_unet_3d" in info["results"][-1]["what"]
