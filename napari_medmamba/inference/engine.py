@@ -111,6 +111,8 @@ def resolve_model(model: ModelLike) -> tuple[nn.Module, InputContract, str, list
         raise TypeError("model must be a registry name, a ModelSpec or (torch.nn.Module, InputContract)")
     if spec.weights:
         return load_registered_model(spec), spec.contract, spec.name, []  # sha256 checked; errors propagate
+    if spec.card.get("finetuned"):  # fine-tuned in this session: the factory returns the trained network
+        return spec.factory(), spec.contract, spec.name, []
     warning = f"model {spec.name!r} runs with random weights (it has no trained weights yet): the labels are meaningless"
     return build_model(spec.name), spec.contract, spec.name, [warning]
 

@@ -1,0 +1,493 @@
+"""Fine-tune a registered model on a user's corrected slices (Qt-free; issue #9).
+
+The supervision is what a human confirmed: :meth:`EditLog.reviewed_mask` (every voxel of a reviewed slice,
+plus every voxel the user edited). Every other voxel is *ignored* by the loss (``ignore_mask``), never taken
+as background. Each example is prepared exactly as :func:`~napari_medmamba.inference.engine.segment` prepares
+a scan for the model's contract (orientation, resampling only when the spacing differs from the contract's,
+normalisation), so fine-tuning sees what inference sees.
+
+A fraction of the supervised axial slices (working-grid z, at least one when there are two or more) is held
+back: the base model's and the fine-tuned model's Dice on them are reported, and training stops early when that
+Dice stops improving (the best state is kept). Nothing here reads or stores paths or identifiers; the data
+fingerprint is a sha256 over the prepared training arrays' bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..annotation.edit_log import EditLog
+from ..atomic_write import atomic_write
+from ..inference.planner import choose_device
+from ..inference.preprocessing import (
+    normalize,
+    plan_orientation,
+    resample_linear,
+    working_shape,
+)
+from ..inference.sliding_window import sliding_window
+from ..io.volume import Geometry, Volume
+from ..models.checkpoints import save_weights
+from ..models.registry import (
+    REGISTRY,
+    InputContract,
+    ModelSpec,
+    get_model_spec,
+    register,
+)
+from ..models.shipped import load_registered_model, sha256_file, weights_path
+from ..models.zoo import build_model
+from .augment import AugmentConfig, augment_batch
+from .losses import dice_ce_loss, dice_per_class
+
+__all__ = [
+    "INTENDED_USE",
+    "CorrectionExample",
+    "FinetuneResult",
+    "PreparedExample",
+    "encoder_prefixes",
+    "finetune",
+    "prepare_example",
+    "register_finetuned",
+    "supervision_mask",
+    "unregister",
+]
+
+INTENDED_USE = "Research only. Not a medical device; not for clinical decisions."
+INTENSITY_ONLY = AugmentConfig(p_flip_lr=0.0, p_affine=0.0)
+"""Light augmentation: intensity scale / shift / gamma / noise only (no geometry)."""
+_ENCODERS: dict[str, tuple[str, ...]] = {
+    "LightMUNet": ("convInit.", "down_layers."),
+    "UNet": ("encoder.",),
+    "MHSVM": ("patch_embed.", "layers."),
+}
+_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm3d)
+Cancel = Callable[[], bool] | threading.Event | None
+
+
+@dataclass
+class CorrectionExample:
+    """One corrected scan: the scan, its corrected (z, y, x) label map, and the log of what was confirmed."""
+
+    volume: Volume
+    labels: np.ndarray
+    edit_log: EditLog
+
+
+@dataclass
+class PreparedExample:
+    """An example on the model's working grid: normalised image, labels, and the supervised voxels."""
+
+    image: np.ndarray
+    """float32 (z, y, x), normalised as the engine normalises."""
+    labels: np.ndarray
+    """int64 (z, y, x)."""
+    supervised: np.ndarray
+    """bool (z, y, x): voxels a human confirmed; the loss ignores all others."""
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module
+    """The network with the best weights (CPU, eval mode)."""
+    spec: ModelSpec
+    """A new spec (not registered; see :func:`register_finetuned`) with the base's contract."""
+    base_name: str
+    dice_before: dict[str, float]
+    """Hard Dice of the base model on the held-back supervised voxels, per class name plus 'mean'."""
+    dice_after: dict[str, float]
+    steps: int
+    """Optimiser steps taken."""
+    best_step: int
+    """Step whose weights were kept (0: the base weights were never beaten)."""
+    seconds: float
+    stop_reason: str
+    """'max_steps', 'budget', 'early_stop', 'cancelled' or 'no_trainable_slices'."""
+    mode: str
+    train_slices: int
+    heldout_slices: int
+    data_fingerprint: str
+    history: list[dict] = field(default_factory=list)
+    weights_path: Path | None = None
+    card_path: Path | None = None
+    card: dict = field(default_factory=dict)
+
+
+# ---- preparation -----------------------------------------------------------------------------------
+
+def supervision_mask(example: CorrectionExample) -> np.ndarray:
+    """Voxels that supervise the loss (on the scan's own grid): reviewed slices OR edited voxels."""
+    return example.edit_log.reviewed_mask(np.asarray(example.labels).shape)
+
+
+def _resample_nearest(array: np.ndarray, source: Geometry, target: Geometry, shape: tuple[int, int, int]) -> np.ndarray:
+    import SimpleITK as sitk
+
+    image = source.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array.astype(np.int32))))
+    f = sitk.ResampleImageFilter()
+    f.SetSize(tuple(int(s) for s in shape[::-1]))
+    f.SetOutputSpacing(target.spacing)
+    f.SetOutputDirection(target.direction)
+    f.SetOutputOrigin(target.origin)
+    f.SetInterpolator(sitk.sitkNearestNeighbor)
+    f.SetUseNearestNeighborExtrapolator(True)
+    return sitk.GetArrayFromImage(f.Execute(image))
+
+
+def prepare_example(example: CorrectionExample, contract: InputContract) -> PreparedExample:
+    """Orientation, working spacing (only when it differs) and normalisation, as ``segment`` does them."""
+    volume, labels = example.volume, np.asarray(example.labels)
+    if not isinstance(volume, Volume):
+        raise TypeError("CorrectionExample.volume must be a Volume")
+    if labels.shape != volume.shape:
+        raise ValueError(f"labels of shape {labels.shape} do not match the volume's {volume.shape}")
+    if labels.dtype.kind not in "biu":
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    supervised = supervision_mask(example)
+    if supervised.any() and (labels[supervised].min() < 0 or labels[supervised].max() >= contract.num_classes):
+        raise ValueError(f"supervised labels must lie in 0..{contract.num_classes - 1}")
+    orientation = plan_orientation(volume.geometry, volume.shape, contract.orientation)
+    grid = orientation.geometry
+    image = orientation.apply(volume.array)
+    lab = orientation.apply(labels)
+    sup = orientation.apply(supervised)
+    target = np.asarray(contract.target_spacing or grid.spacing_zyx, dtype=float)
+    if not np.allclose(target, grid.spacing_zyx, rtol=1e-4, atol=0):
+        work = Geometry(tuple(target[::-1]), grid.origin, grid.direction)  # type: ignore[arg-type]
+        shape = working_shape(orientation.shape, grid.spacing_zyx, tuple(target))
+        image = resample_linear(np.ascontiguousarray(image), grid, work, shape)
+        lab = _resample_nearest(lab, grid, work, shape)
+        sup = _resample_nearest(sup, grid, work, shape) > 0
+    return PreparedExample(normalize(np.ascontiguousarray(image), contract), np.ascontiguousarray(lab, dtype=np.int64),
+                           np.ascontiguousarray(sup, dtype=bool))
+
+
+def _fingerprint(prepared: Sequence[PreparedExample]) -> str:
+    h = hashlib.sha256()
+    for p in prepared:
+        for a in (p.image, p.labels, p.supervised):
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+# ---- model / parameters ------------------------------------------------------------------------------
+
+def _base(model: str | ModelSpec) -> tuple[ModelSpec, nn.Module, str | None]:
+    spec = get_model_spec(model) if isinstance(model, str) else model
+    if not isinstance(spec, ModelSpec):
+        raise TypeError("model must be a registry name or a ModelSpec")
+    if spec.contract.spatial_dims != 3:
+        raise ValueError(f"fine-tuning supports 3D models only; {spec.name!r} is {spec.contract.spatial_dims}D")
+    if spec.weights:
+        net, sha = load_registered_model(spec), spec.sha256 or sha256_file(weights_path(spec))  # type: ignore[arg-type]
+    elif spec.card.get("finetuned") and spec.name in REGISTRY:
+        net, sha = spec.factory(), spec.card.get("weights_sha256")
+    else:
+        net, sha = build_model(spec.name) if spec.name in REGISTRY else spec.factory(), None
+    return spec, net, sha
+
+
+def encoder_prefixes(net: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of the encoder of a known architecture."""
+    try:
+        return _ENCODERS[type(net).__name__]
+    except KeyError:
+        raise ValueError(f"no known encoder for {type(net).__name__}; use mode='full'") from None
+
+
+def _set_trainable(net: nn.Module, mode: str) -> list[str]:
+    """Freeze for ``mode``; returns the names of the trainable parameters.
+
+    'decoder': encoder parameters frozen, except the affine parameters of normalisation layers
+    (decoder + all norms train). 'full': everything trains.
+    """
+    if mode == "full":
+        for p in net.parameters():
+            p.requires_grad_(True)
+        return [n for n, _ in net.named_parameters()]
+    prefixes = encoder_prefixes(net)
+    norm_params = {f"{m_name}.{p_name}" if m_name else p_name
+                   for m_name, m in net.named_modules() if isinstance(m, _NORMS)
+                   for p_name, _ in m.named_parameters(recurse=False)}
+    names = []
+    for n, p in net.named_parameters():
+        train = not n.startswith(prefixes) or n in norm_params
+        p.requires_grad_(train)
+        if train:
+            names.append(n)
+    return names
+
+
+def _check_cancel(cancel: Cancel) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    if callable(cancel):
+        return lambda: bool(cancel())
+    raise TypeError("cancel must be None, a threading.Event or a callable returning bool")
+
+
+# ---- patches and evaluation --------------------------------------------------------------------------
+
+def _crop(arrays: Sequence[np.ndarray], start: Sequence[int], patch: Sequence[int], fills: Sequence) -> list[np.ndarray]:
+    out = []
+    for a, fill in zip(arrays, fills):
+        o = np.full(tuple(patch), fill, dtype=a.dtype)
+        src, dst = [], []
+        for s, n, p in zip(start, a.shape, patch):
+            lo, hi = max(s, 0), min(s + p, n)
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - s, hi - s))
+        o[tuple(dst)] = a[tuple(src)]
+        out.append(o)
+    return out
+
+
+def _patch_for(shape: Sequence[int], patch: Sequence[int], stride: int) -> tuple[int, ...]:
+    """The patch, but no larger than the volume rounded up to the stride (no patch of mostly padding)."""
+    return tuple(min(int(p), -(-int(n) // stride) * stride) for n, p in zip(shape, patch))
+
+
+def _dice(net: nn.Module, examples: Sequence[tuple[PreparedExample, np.ndarray]], contract: InputContract,
+          patch: tuple[int, ...], stride: int, device: torch.device, names: Sequence[str]) -> dict[str, float]:
+    """Hard Dice on the held-back voxels (pooled over examples); prediction as the engine does it
+    (sliding window, Gaussian blending, far-end zero padding) over the z-range around the held slices."""
+    net.eval()
+    preds, targets = [], []
+    half = patch[0] // 2
+    with torch.inference_mode():
+        for ex, held in examples:
+            zs = np.flatnonzero(held.any(axis=(1, 2)))
+            if zs.size == 0:
+                continue
+            z0, z1 = max(0, int(zs.min()) - half), min(ex.image.shape[0], int(zs.max()) + half + 1)
+            sub = ex.image[z0:z1]
+            tile = _patch_for(sub.shape, patch, stride)
+
+            def predict(batch: torch.Tensor) -> torch.Tensor:
+                return torch.softmax(net(batch.to(device)).float(), dim=1).cpu()
+
+            probs = sliding_window(torch.from_numpy(np.ascontiguousarray(sub))[None], predict, lambda: 2, tile,
+                                   0.5, contract.num_classes)
+            pred = probs.argmax(0).numpy()
+            m = held[z0:z1]
+            preds.append(pred[m])
+            targets.append(ex.labels[z0:z1][m])
+    pred, target = np.concatenate(preds), np.concatenate(targets)
+    per = dice_per_class(pred, target, contract.num_classes)
+    out = {name: float(v) for name, v in zip(names[1:], per)}
+    out["mean"] = float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
+    return out
+
+
+def _score(d: dict[str, float]) -> float:
+    v = d["mean"]
+    return -1.0 if np.isnan(v) else v
+
+
+# ---- fine-tuning ---------------------------------------------------------------------------------
+
+def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, budget_s: float = 60.0,
+             max_steps: int | None = None, mode: Literal["decoder", "full"] = "decoder", device: str = "auto",
+             holdout_fraction: float = 0.2, seed: int = 0, out_dir: str | Path | None = None, name: str | None = None,
+             progress: Callable[[float, str], None] | None = None, cancel: Cancel = None,
+             patch_size: Sequence[int] | None = None, batch_size: int = 2, lr: float = 3e-4,
+             weight_decay: float = 1e-4, eval_every: int = 10, patience: int = 3,
+             augment: AugmentConfig = INTENSITY_ONLY) -> FinetuneResult:
+    """Fine-tune ``model`` (registry name or spec; its shipped weights when it has them) on ``examples``.
+
+    Trains on patches (``patch_size``, default the contract's, never larger than the volume rounded up to the
+    network's stride) centred on the supervised axial slices that are not held back; the loss is CE + soft Dice
+    over supervised voxels only. Stops at ``budget_s`` seconds, ``max_steps`` steps, when ``cancel`` says so,
+    or after ``patience`` evaluations (every ``eval_every`` steps) without a better held-back Dice; the best
+    state is kept. With ``out_dir``: writes ``<name>.safetensors`` and ``<name>.json`` (model card).
+    """
+    if mode not in ("decoder", "full"):
+        raise ValueError(f"mode must be 'decoder' or 'full', got {mode!r}")
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    if not examples:
+        raise ValueError("no correction examples given")
+    t_start = time.perf_counter()
+    check = _check_cancel(cancel)
+    spec, net, base_sha = _base(model)
+    contract = spec.contract
+    stride = int(getattr(net, "stride", 1) or 1)
+    prepared = [prepare_example(e, contract) for e in examples]
+
+    # axial (working-grid z) slices with supervision; hold a fraction back
+    slices = [(i, int(z)) for i, p in enumerate(prepared) for z in np.flatnonzero(p.supervised.any(axis=(1, 2)))]
+    if not slices:
+        raise ValueError("the edit logs mark no reviewed or edited voxel: nothing to learn from")
+    rng = np.random.default_rng(seed)
+    n_held = round(holdout_fraction * len(slices))
+    if len(slices) >= 2 and holdout_fraction > 0:
+        n_held = min(max(1, n_held), len(slices) - 1)
+    else:
+        n_held = 0
+    order = rng.permutation(len(slices))
+    held_set = {slices[k] for k in order[:n_held]}
+    train_slices = [s for s in slices if s not in held_set]
+    train_masks, held = [], []
+    for i, p in enumerate(prepared):
+        h = np.zeros(p.supervised.shape[0], bool)
+        h[[z for j, z in held_set if j == i]] = True
+        held.append((p, p.supervised & h[:, None, None]))
+        train_masks.append(p.supervised & ~h[:, None, None])
+    fingerprint = _fingerprint([PreparedExample(p.image, p.labels, m) for p, m in zip(prepared, train_masks)])
+    base_patch = tuple(int(s) for s in (patch_size or contract.patch_size))
+    if len(base_patch) != 3 or any(s % stride for s in base_patch):
+        raise ValueError(f"patch size {base_patch} must have 3 axes divisible by the network's stride {stride}")
+    eval_set = [(p, m) for p, m in held if m.any()]
+    eval_patch = tuple(int(s) for s in contract.patch_size)  # evaluation tiles as inference uses them
+
+    dev = choose_device(device)
+    torch.manual_seed(seed)
+    net = net.to(dev)
+    names = contract.label_names
+    report = progress or (lambda f, s: None)
+    report(0.0, "evaluating the base model")
+    dice_before = _dice(net, eval_set, contract, eval_patch, stride, dev, names) if eval_set else {}
+    trainable = _set_trainable(net, mode)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    best_state = copy.deepcopy(net.state_dict())
+    best_score, best_step, dice_best = (_score(dice_before) if dice_before else -1.0), 0, dice_before
+    history: list[dict] = []
+    step, bad_evals, reason = 0, 0, "max_steps"
+    fg = [np.argwhere(m) for m in train_masks]  # supervised voxels, for patch centres in y, x
+    while True:
+        elapsed = time.perf_counter() - t_start
+        if not train_slices:
+            reason = "no_trainable_slices"
+            break
+        if check():
+            reason = "cancelled"
+            break
+        if max_steps is not None and step >= max_steps:
+            reason = "max_steps"
+            break
+        if elapsed >= budget_s:
+            reason = "budget"
+            break
+        net.train()
+        xs, ys, igs = [], [], []
+        for _ in range(batch_size):
+            i, z = train_slices[int(rng.integers(len(train_slices)))]
+            p = prepared[i]
+            patch = _patch_for(p.image.shape, base_patch, stride)
+            in_slice = fg[i][fg[i][:, 0] == z]
+            centre = in_slice[int(rng.integers(len(in_slice)))]
+            start = [int(c) - s // 2 + (int(rng.integers(-s // 4, s // 4 + 1)) if a else 0)
+                     for a, (c, s) in enumerate(zip(centre, patch))]
+            start = [min(max(s, min(0, n - q)), max(0, n - q)) for s, n, q in zip(start, p.image.shape, patch)]
+            im, lb, ig = _crop([p.image, p.labels, ~train_masks[i]], start, patch, (0.0, 0, True))
+            xs.append(im), ys.append(lb), igs.append(ig)
+        if len({x.shape for x in xs}) > 1:  # examples of different sizes: one at a time
+            xs, ys, igs = xs[:1], ys[:1], igs[:1]
+        x = torch.from_numpy(np.stack(xs))[:, None].to(dev)
+        y = torch.from_numpy(np.stack(ys)).to(dev)
+        ig = torch.from_numpy(np.stack(igs)).to(dev)
+        x, y, ig = augment_batch(x, y, rng, augment, mask=ig)
+        loss = dice_ce_loss(net(x), y, ignore_mask=ig)
+        opt.zero_grad(set_to_none=True)
+        if bool(torch.isfinite(loss)):
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 12.0)
+            opt.step()
+        step += 1
+        entry: dict = {"step": step, "loss": float(loss.detach())}
+        if eval_set and (step % eval_every == 0 or step == max_steps):
+            d = _dice(net, eval_set, contract, eval_patch, stride, dev, names)
+            entry["heldout_dice"] = d["mean"]
+            if _score(d) > best_score:
+                best_score, best_step, dice_best, bad_evals = _score(d), step, d, 0
+                best_state = copy.deepcopy(net.state_dict())
+            else:
+                bad_evals += 1
+        history.append(entry)
+        frac = max(step / max_steps if max_steps else 0.0, (time.perf_counter() - t_start) / max(budget_s, 1e-9))
+        report(min(frac, 1.0), f"step {step} loss {entry['loss']:.4f}")
+        if bad_evals >= patience:
+            reason = "early_stop"
+            break
+    if not eval_set:  # nothing held back: keep the last weights
+        best_state, best_step = copy.deepcopy(net.state_dict()), step
+    net.load_state_dict(best_state)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net = net.cpu().eval()
+    seconds = time.perf_counter() - t_start
+    report(1.0, "done")
+
+    h = hashlib.sha256()
+    for k, v in net.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().contiguous().numpy().tobytes())
+    new_name = name or f"{spec.name}-ft-{h.hexdigest()[:8]}"
+    card = {
+        "model_name": new_name, "finetuned": True, "base_model": spec.name, "base_weights_sha256": base_sha,
+        "data_fingerprint": fingerprint,
+        "data_fingerprint_method": "sha256 over the prepared training arrays (image float32, labels int64, "
+                                   "supervised mask bool; held-back slices unsupervised), with dtype and shape",
+        "examples": len(examples), "train_slices": len(train_slices), "heldout_slices": n_held,
+        "mode": mode, "trainable_parameters": int(sum(net.get_parameter(n).numel() for n in trainable)),
+        "steps": step, "best_step": best_step, "seconds": round(seconds, 2), "stop_reason": reason,
+        "dice_before": dice_before, "dice_after": dice_best,
+        "dice_method": "hard Dice on the held-back supervised voxels (pooled), sliding window as in inference",
+        "training": {"optimizer": "AdamW", "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
+                     "patch_size": list(base_patch), "loss": "cross-entropy + soft Dice over supervised voxels only",
+                     "augmentation": "intensity only", "seed": seed, "device": str(dev), "torch": torch.__version__},
+        "input_contract": {"patch_size": list(contract.patch_size), "target_spacing_zyx_mm": contract.target_spacing,
+                           "orientation": contract.orientation, "normalization": contract.normalization},
+        "labels": list(contract.label_names),
+        "intended_use": INTENDED_USE,
+    }
+    result_weights = result_card = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result_weights = save_weights(net, out / f"{new_name}.safetensors", {
+            "model_name": new_name, "base_model": spec.name, "base_weights_sha256": base_sha or "",
+            "data_fingerprint": fingerprint, "steps": step, "mode": mode, "intended_use": INTENDED_USE})
+        card["weights_file"] = result_weights.name
+        card["weights_sha256"] = sha256_file(result_weights)
+        result_card = out / f"{new_name}.json"
+        atomic_write(result_card, (json.dumps(card, indent=1) + "\n").encode())
+    frozen = copy.deepcopy(net)
+    new_spec = ModelSpec(name=new_name, factory=lambda: copy.deepcopy(frozen), contract=contract,
+                         description=f"{spec.name} fine-tuned on {len(examples)} corrected scan(s) ({mode}, {step} steps)",
+                         card=card)
+    return FinetuneResult(model=net, spec=new_spec, base_name=spec.name, dice_before=dice_before,
+                          dice_after=dice_best, steps=step, best_step=best_step, seconds=seconds, stop_reason=reason,
+                          mode=mode, train_slices=len(train_slices), heldout_slices=n_held,
+                          data_fingerprint=fingerprint, history=history, weights_path=result_weights,
+                          card_path=result_card, card=card)
+
+
+def register_finetuned(result: FinetuneResult) -> ModelSpec:
+    """Add the fine-tuned spec to the registry (the engine and widget can then select it by name; reverting
+    means selecting the base name again). Its factory returns a copy of the fine-tuned network."""
+    return register(result.spec)
+
+
+def unregister(name: str) -> None:
+    """Remove a fine-tuned model from the registry (shipped models cannot be removed)."""
+    spec = get_model_spec(name)
+    if not spec.card.get("finetuned"):
+        raise ValueError(f"{name!r} is not a fine-tuned model; only fine-tuned models can be unregistered")
+    del REGISTRY[name]
