@@ -87,7 +87,8 @@ class _Progress:
             self.callback(value, stage)
 
 
-def _cancel_check(cancel: Cancel) -> Callable[[], bool]:
+def cancel_check(cancel: Cancel) -> Callable[[], bool]:
+    """A no-argument check for a cancel request given as None, a threading.Event or a callable."""
     if cancel is None:
         return lambda: False
     if isinstance(cancel, threading.Event):
@@ -265,7 +266,7 @@ def segment(
         raise ValueError(f"mode must be 'accurate' or 'fast', got {mode!r}")
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-    check = _cancel_check(cancel)
+    check = cancel_check(cancel)
 
     def raise_if_cancelled() -> None:
         if check():

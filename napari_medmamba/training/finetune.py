@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from torch import nn
 
 from ..annotation.edit_log import EditLog
 from ..atomic_write import atomic_write
+from ..inference.engine import Cancel, cancel_check
 from ..inference.planner import choose_device
 from ..inference.preprocessing import (
     normalize,
@@ -74,7 +74,6 @@ _ENCODERS: dict[str, tuple[str, ...]] = {
     "MHSVM": ("patch_embed.", "layers."),
 }
 _NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm3d)
-Cancel = Callable[[], bool] | threading.Event | None
 
 
 @dataclass
@@ -231,16 +230,6 @@ def _set_trainable(net: nn.Module, mode: str) -> list[str]:
     return names
 
 
-def _check_cancel(cancel: Cancel) -> Callable[[], bool]:
-    if cancel is None:
-        return lambda: False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set
-    if callable(cancel):
-        return lambda: bool(cancel())
-    raise TypeError("cancel must be None, a threading.Event or a callable returning bool")
-
-
 # ---- patches and evaluation --------------------------------------------------------------------------
 
 def _crop(arrays: Sequence[np.ndarray], start: Sequence[int], patch: Sequence[int], fills: Sequence) -> list[np.ndarray]:
@@ -323,7 +312,7 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
     if not examples:
         raise ValueError("no correction examples given")
     t_start = time.perf_counter()
-    check = _check_cancel(cancel)
+    check = cancel_check(cancel)
     spec, net, base_sha = _base(model)
     contract = spec.contract
     stride = int(getattr(net, "stride", 1) or 1)
