@@ -13,6 +13,10 @@ each pays the same fixed costs:
 * ``cli --workers N``: the same on a LocalCluster of N worker processes (``--workers`` list).
 
 Prints a markdown table: seconds, cases/min and speed-up over ``api``.
+
+``--marginal`` also runs every configuration on the first half of the cases and reports the marginal
+throughput ``(N - N/2) / (t(N) - t(N/2))``: the fixed costs (interpreter, imports, Dask cluster start, model
+load, CUDA start) cancel out, leaving the steady-state rate at which a configuration gets through a folder.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ def main() -> None:
     parser.add_argument("--mode", default="accurate", choices=["accurate", "fast"])
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="worker counts for the Dask runs")
     parser.add_argument("--skip-api", action="store_true", help="only the CLI runs")
+    parser.add_argument("--marginal", action="store_true",
+                        help="also time N/2 cases and report the steady-state (marginal) throughput")
     args = parser.parse_args()
 
     paths = [str(p) for p in sorted(args.data.glob("*.nii.gz"))[: args.cases]]
@@ -80,9 +86,17 @@ def main() -> None:
     configs += [(f"cli --workers {n}", [*cli, "-o", "{out}", "--workers", str(n)]) for n in args.workers]
 
     rows = []
+    half = paths[: len(paths) // 2]
     for label, command in configs:
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(run(label, [c.replace("{out}", tmp) for c in command], len(paths), Path(tmp)))
+        if args.marginal:
+            short = [c for c in command if c not in set(paths[len(half):])]
+            with tempfile.TemporaryDirectory() as tmp:
+                rows[-1]["half_seconds"] = run(f"{label} (N/2)", [c.replace("{out}", tmp) for c in short],
+                                               len(half), Path(tmp))["seconds"]
+            extra = rows[-1]["seconds"] - rows[-1]["half_seconds"]
+            rows[-1]["marginal_cases_per_min"] = 60.0 * (len(paths) - len(half)) / extra if extra > 0 else float("nan")
 
     base = rows[0]["seconds"]
     import platform
@@ -93,6 +107,13 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['config']} | {r['seconds']:.1f} | {r['cases_per_min']:.1f} | {base / r['seconds']:.2f}x |")
+    if args.marginal:
+        ref = rows[0]["marginal_cases_per_min"]
+        print(f"\n| configuration | seconds N/2 -> N | marginal cases/min | speed-up vs {rows[0]['config']} |")
+        print("|---|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['config']} | {r['half_seconds']:.1f} -> {r['seconds']:.1f} | "
+                  f"{r['marginal_cases_per_min']:.1f} | {r['marginal_cases_per_min'] / ref:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def main() -> None:
     cases = load_case_folder(args.data)
     if args.split:
         val = set(json.loads(args.split.read_text())["val"])
-        cases = [c for c in cases if c[0] in val]
+        cases = [c for c in cases if c.case_id in val]
     cases = cases[: args.limit] if args.limit else cases
     net, contract, name, warnings = resolve_model(args.model)
     for w in warnings:
@@ -75,15 +75,20 @@ def main() -> None:
     model = (net, contract, name)
     classes = contract.label_names[1:]
     rows = []
-    for case_id, image_path, label_path in cases:
-        volume, ref = read_volume(image_path), read_volume(label_path).array.astype(np.int64)
-        segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False)  # warm-up on first
+    for i, case in enumerate(cases):
+        case_id = case.case_id
+        volume, ref = read_volume(case.image_path), np.rint(read_volume(case.label_path).array).astype(np.int64)
+        if i == 0:  # warm-up (kernel compilation, allocator) on the first case only
+            segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False)
         start = time.perf_counter()
         result = segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False)
         seconds = time.perf_counter() - start
         pred = result.labels.array
         row = {"case": case_id, "seconds": seconds, "shape": list(volume.shape)}
         for value, cls in enumerate(classes, start=1):
+            if case.labelled is not None and value not in case.labelled:  # partial labels: not contoured, not scored
+                row[f"dice {cls}"] = row[f"hd95 {cls}"] = float("nan")
+                continue
             row[f"dice {cls}"] = dice(pred == value, ref == value)
             row[f"hd95 {cls}"] = hd95(pred == value, ref == value, volume.geometry.spacing_zyx)
         rows.append(row)
@@ -91,17 +96,20 @@ def main() -> None:
         args.json and args.json.write_text(json.dumps(rows, indent=1))  # keep partial results
 
     print(f"\n{name} on {len(rows)} cases of {args.data.name} ({args.mode}, {args.device}; the first call per case "
-          "is a warm-up, seconds are the second call)\n")
-    print("| class | Dice mean [95% CI] | HD95 mm median | inference s/case median (max) |")
+          "case is run once more first as a warm-up; classes a case did not contour are not scored)\n")
+    print("| class | Dice mean [95% CI] | HD95 mm mean [95% CI] (median) | inference s/case median (max) |")
     print("|---|---|---|---|")
     secs = np.array([r["seconds"] for r in rows])
     for cls in classes:
         d = np.array([r[f"dice {cls}"] for r in rows])
         h = np.array([r[f"hd95 {cls}"] for r in rows])
+        d, hf = d[~np.isnan(d)], h[np.isfinite(h)]
         lo, hi = bootstrap_ci(d)
-        print(f"| {cls} | {d.mean():.4f} [{lo:.4f}, {hi:.4f}] | {np.nanmedian(h):.2f} | "
+        hlo, hhi = bootstrap_ci(hf) if hf.size else (float("nan"), float("nan"))
+        hd = f"{hf.mean():.2f} [{hlo:.2f}, {hhi:.2f}] ({np.median(hf):.2f})" if hf.size else "n/a"
+        print(f"| {cls} (n={d.size}) | {d.mean():.4f} [{lo:.4f}, {hi:.4f}] | {hd} | "
               f"{np.median(secs):.2f} ({secs.max():.2f}) |")
-    mean_fg = np.mean([[r[f"dice {c}"] for c in classes] for r in rows], axis=1)
+    mean_fg = np.nanmean([[r[f"dice {c}"] for c in classes] for r in rows], axis=1)
     lo, hi = bootstrap_ci(mean_fg)
     print(f"| mean foreground | {mean_fg.mean():.4f} [{lo:.4f}, {hi:.4f}] | | |")
 

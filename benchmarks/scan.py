@@ -111,7 +111,7 @@ def measure(shape: Shape, dtype: torch.dtype, backend: str, device: str, repeats
     plain = make_inputs(shape, dtype, device, grad=False)
     with torch.no_grad():
         fwd = timer(lambda: selective_scan_fn(**plain, delta_softplus=True, backend=backend), repeats)
-    del plain
+    plain.clear()  # free the forward-only inputs before the autograd ones are made
     inputs = make_inputs(shape, dtype, device, grad=True)
     leaves = list(inputs.values())
     dout = torch.randn(shape[:3], device=device).to(dtype)

@@ -78,12 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(workers must see the input and output paths); needs napari-medmamba[dask]")
     p.set_defaults(func=_cmd_segment)
 
-    p = sub.add_parser("export", help="export a label map: label maps, DICOM-SEG, volume CSV, meshes, JSON")
+    p = sub.add_parser("export", help="export a label map: label maps, DICOM-SEG, RTSTRUCT, volume CSV, meshes, JSON")
     p.add_argument("labels", type=Path, help="label map on the scan's grid (NIfTI, NRRD, MHA)")
-    p.add_argument("--scan", type=Path, required=True, help="the source scan (a DICOM folder for DICOM-SEG)")
+    p.add_argument("--scan", type=Path, required=True, help="the source scan (a DICOM folder for DICOM-SEG and RTSTRUCT)")
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder")
     p.add_argument("--formats", nargs="+", default=["csv", "json"], metavar="FORMAT",
-                   help="any of: nifti nrrd mha dicom_seg csv stl obj json (default: csv json)")
+                   help="any of: nifti nrrd mha dicom_seg rtstruct csv stl obj json (default: csv json)")
     p.add_argument("--model", default=None, help="model whose label names/colours to use (default: the default model)")
     p.add_argument("--json", action="store_true", help="print the written files as JSON")
     p.set_defaults(func=_cmd_export)
@@ -103,14 +103,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the model card as JSON")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("finetune", help="fine-tune a model on corrected cases (scan + corrected labels + edit log)",
+                       description="Fine-tune a model on scans the user corrected. For each SCAN, the corrected label map "
+                       "<case>_labels.nii.gz and the edit log <case>_edits.npz (Export > 'Edit log' in napari) are read "
+                       "from --labels. Only reviewed or corrected voxels are learned from. The new model is saved, "
+                       "owner-only, in the model store and can then be used by name: segment --model NAME.")
+    p.add_argument("inputs", nargs="+", metavar="SCAN", help="corrected scans: files, DICOM folders or globs")
+    p.add_argument("--labels", "-l", type=Path, required=True,
+                   help="folder with <case>_labels.nii.gz and <case>_edits.npz for each scan")
+    p.add_argument("--whole-labels", action="store_true",
+                   help="no edit logs: every voxel of each label map was checked (e.g. expert contours)")
+    p.add_argument("--model", default=None, help="model to adapt (default: the default model)")
+    p.add_argument("--name", default=None, help="name of the new model (default: <model>-ft-<hash>)")
+    p.add_argument("--store", type=Path, default=None,
+                   help="model store folder (default: $MEDMAMBA_MODELS_DIR or the per-user folder)")
+    p.add_argument("--budget-s", type=float, default=60.0, help="training time limit in seconds (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--mode", default="decoder", choices=["decoder", "full"],
+                   help="decoder: decoder + norms (parameter-efficient, default); full: every weight")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.add_argument("--json", action="store_true", help="print the new model's card as JSON")
+    p.set_defaults(func=_cmd_finetune)
+
     p = sub.add_parser("bench", help="time the selective scan and a segmentation on this machine")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("models", help="list the registered models")
+    p = sub.add_parser("models", help="list the registered and fine-tuned models; remove fine-tuned ones")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--store", type=Path, default=None, help="model store folder (default: the per-user folder)")
+    p.add_argument("--remove", metavar="NAME", default=None, help="delete this fine-tuned model from the store")
+    p.add_argument("--clear-finetuned", action="store_true", help="delete every fine-tuned model in the store")
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("info", help="print a scan's shape and geometry")
@@ -134,7 +161,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models import default_model_name, get_model_spec, list_models
+    from .training.model_store import clear_finetuned, default_model_store, list_finetuned, remove_finetuned
 
+    store = args.store or default_model_store()
+    if args.remove:
+        try:
+            remove_finetuned(args.remove, store)
+        except KeyError as exc:
+            _stderr(f"error: {exc.args[0]}")
+            return 1
+        _stderr(f"removed {args.remove} from {store}")
+        return 0
+    if args.clear_finetuned:
+        _stderr(f"removed {clear_finetuned(store)} fine-tuned model(s) from {store}")
+        return 0
     rows = []
     for name in list_models():
         spec = get_model_spec(name)
@@ -148,13 +188,86 @@ def _cmd_models(args: argparse.Namespace) -> int:
             "weights": spec.weights,
             "description": spec.description,
         })
+    for m in list_finetuned(store):
+        if m.name in {r["name"] for r in rows}:
+            continue
+        rows.append({"name": m.name, "default": False, "finetuned": True, "base_model": m.base_model,
+                     "weights": str(m.weights), "dice_before": m.card.get("dice_before", {}).get("mean"),
+                     "dice_after": m.card.get("dice_after", {}).get("mean"), "description": "fine-tuned"})
     if args.json:
         print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            mark = "*" if r["default"] else " "
+        return 0
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        if r.get("finetuned"):
+            before, after = r["dice_before"], r["dice_after"]
+            dice = "" if before is None or after is None else f", held-back Dice {before:.3f} -> {after:.3f}"
+            print(f"  {r['name']:<24} fine-tuned from {r['base_model']}{dice}  [{r['weights']}]")
+        else:
             weights = r["weights"] or "no shipped weights"
-            print(f"{mark} {r['name']:<16} {r['dims']}D {r['modality']:<3} {', '.join(r['labels'][1:])}  [{weights}]")
+            print(f"{mark} {r['name']:<24} {r['dims']}D {r['modality']:<3} {', '.join(r['labels'][1:])}  [{weights}]")
+    print(f"fine-tuned models are stored in {store}", file=sys.stderr)
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .annotation.edit_log import EditLog, EditLogError
+    from .export.all_formats import EDITS_SUFFIX
+    from .io import VolumeReadError, read_volume
+    from .io.volume import scan_name
+    from .models import default_model_name
+    from .training.finetune import CorrectionExample, finetune
+    from .training.model_store import default_model_store
+
+    paths = _expand_inputs(args.inputs)
+    if not paths:
+        _stderr("error: no input matched")
+        return 1
+    examples = []
+    for path in paths:
+        case = scan_name(path)
+        label_path = args.labels / f"{case}{LABEL_SUFFIX}"
+        edits_path = args.labels / f"{case}{EDITS_SUFFIX}"
+        try:
+            scan, labels = read_volume(path), read_volume(label_path)
+            if labels.shape != scan.shape:
+                raise ValueError(f"{label_path}: label map {labels.shape} is not on the grid of {path} {scan.shape}")
+            if args.whole_labels:
+                log = EditLog(scan.shape)
+                for z in range(scan.shape[0]):
+                    log.accept_slice(0, z)
+            elif edits_path.is_file():
+                log = EditLog.load(edits_path)
+                if log.shape != scan.shape:
+                    raise ValueError(f"{edits_path}: edit log shape {log.shape} differs from the scan {scan.shape}")
+            else:
+                raise FileNotFoundError(f"{edits_path} not found: export the edit log from napari, or pass "
+                                        "--whole-labels if every voxel of the label map was checked")
+        except (OSError, ValueError, VolumeReadError, EditLogError) as exc:
+            _stderr(f"error: {case}: {exc}")
+            return 1
+        examples.append(CorrectionExample(scan, np.rint(labels.array).astype(np.int64), log))
+    base = args.model or default_model_name()
+    store = args.store or default_model_store()
+    _stderr(f"fine-tuning {base} on {len(examples)} corrected case(s), mode {args.mode}, budget {args.budget_s:g} s")
+    try:
+        result = finetune(base, examples, budget_s=args.budget_s, max_steps=args.max_steps, mode=args.mode,
+                          device=args.device, seed=args.seed, out_dir=store, name=args.name,
+                          progress=_StderrProgress("finetune", args.quiet))
+    except (ValueError, KeyError) as exc:
+        _stderr(f"error: {exc}")
+        return 1
+    before, after = result.dice_before.get("mean"), result.dice_after.get("mean")
+    _stderr(f"saved {result.spec.name} to {result.weights_path} ({result.steps} steps, {result.seconds:.0f} s, "
+            f"stopped: {result.stop_reason})"
+            + ("" if before is None else f"; held-back Dice {before:.3f} -> {after:.3f}"))
+    _stderr(f"use it with: napari-medmamba segment SCAN -o OUT --model {result.spec.name}")
+    if args.json:
+        print(json.dumps(result.card, indent=2))
+    else:
+        print(result.spec.name)
     return 0
 
 
@@ -452,6 +565,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     row["scan"] = str(scan_file)
     _write_summary_csv([row], args.output / "summary.csv")
     print(json.dumps(row, indent=2))
+    from .models.zoo import DEFAULT_CT_MODEL
+
+    _stderr(f"CT: no head-and-neck CT can ship offline; run the CT model on your own scan with "
+            f"napari-medmamba segment YOUR_CT.nii.gz (or a DICOM folder) -o out --model {DEFAULT_CT_MODEL}")
     if args.view:
         import napari
 

@@ -46,3 +46,9 @@ def hippocampus(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def openkbp(shared_data: Path) -> Path:
     return _require(shared_data / "openkbp")
+
+
+@pytest.fixture(scope="session")
+def dicom_series_labels(totalseg: Path) -> Path:
+    """TotalSegmentator's label map of the DICOM series (NIfTI; same voxels, y axis flipped)."""
+    return _require(totalseg / "example_seg_dicom.nii.gz")

@@ -14,7 +14,7 @@ from napari_medmamba.cli import main
 from napari_medmamba.io import read_volume
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["segment"], ["models"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["segment"], ["models"], ["info"], ["finetune"], ["export"], ["train"], ["bench"]])
 def test_help_everywhere(command: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -75,6 +75,7 @@ def test_demo_runs_offline_on_the_bundled_sample(tmp_path: Path) -> None:
     row = json.loads(proc.stdout)
     labels, scan = read_volume(row["output"]), read_volume(row["scan"])
     assert labels.shape == scan.shape == (36, 52, 36) and labels.geometry.isclose(scan.geometry)
+    assert "--model lightm_unet_3d_hn_oar" in proc.stderr  # one line on how to run the CT model on one's own CT
 
 
 def test_export_writes_each_format_on_the_scan_grid(dicom_series: Path, tmp_path: Path, capsys) -> None:

@@ -85,6 +85,15 @@ def test_card_has_base_sha_fingerprint_and_no_paths(result, tmp_path_factory) ->
     text = json.dumps(card)
     assert str(result.card_path.parent) not in text and "mni152" not in text
     assert result.weights_path.is_file()
+    import stat  # owner-only files in an owner-only store
+
+    assert stat.S_IMODE(result.weights_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(result.card_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(result.card_path.parent.stat().st_mode) == 0o700
+    from safetensors import safe_open  # weights only: every tensor is a parameter or buffer of the network
+
+    with safe_open(str(result.weights_path), "pt") as f:
+        assert set(f.keys()) == set(result.model.state_dict())
 
 
 def test_register_finetuned_runs_in_segment(result, example) -> None:
@@ -110,3 +119,74 @@ def test_cancel_stops_early(example) -> None:
 
     r = finetune(BASE, [example], max_steps=50, budget_s=120, device="cpu", patch_size=PATCH, cancel=cancel)
     assert r.stop_reason == "cancelled" and r.steps == 1
+
+
+# ---- few-shot new structure: new_labels widens the classification layer -------------------------------
+
+def test_find_and_widen_head_keeps_existing_logits() -> None:
+    from napari_medmamba.models.unet import UNet
+    from napari_medmamba.training.finetune import NEW_CLASS_BIAS_OFFSET, find_head, widen_head
+
+    net = load_registered_model(BASE).eval()
+    assert find_head(net, 3)[0] == "conv_final.2.1.conv"
+    assert find_head(UNet(3, 1, 3, features=(4, 8)), 3)[0] == "head"
+    x = torch.randn(1, 1, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = net(x)
+        assert widen_head(net, 3, 2) == "conv_final.2.1.conv"
+        after = net(x)
+    assert after.shape[1] == 5 and net.arch_config["out_channels"] == 5
+    assert torch.allclose(after[:, :3], before, atol=1e-5)
+    for c in (3, 4):  # background's logit, lowered: the widened net still predicts what the base predicted
+        assert torch.allclose(after[:, c], before[:, 0] - NEW_CLASS_BIAS_OFFSET, atol=1e-4)
+    assert torch.equal(after.argmax(1), before.argmax(1))
+    with pytest.raises(ValueError):
+        find_head(net, 7)
+
+
+@pytest.fixture(scope="module")
+def new_structure(example):
+    labels = np.asarray(example.labels).copy()
+    zs = sorted(example.edit_log.reviewed_indices(0))
+    labels[zs[0]:zs[-1] + 1, 2:6, 2:8] = 3  # a "new structure" the base never saw, on the reviewed slices
+    return CorrectionExample(example.volume, labels, example.edit_log)
+
+
+def test_new_labels_extend_contract_card_and_head(new_structure, tmp_path) -> None:
+    from napari_medmamba.models.checkpoints import load_checkpoint
+
+    r = finetune(BASE, [new_structure], max_steps=2, budget_s=120, device="cpu", patch_size=PATCH, eval_every=1,
+                 out_dir=tmp_path, new_labels=["fornix"])
+    base = REGISTRY[BASE].contract
+    c = r.spec.contract
+    assert c.label_names == base.label_names + ("fornix",) and c.num_classes == 4
+    assert len(c.label_colors) == 4 and c.label_colors[:3] == base.label_colors
+    assert c.label_colors[3] not in base.label_colors
+    assert r.card["new_labels"] == ["fornix"] and r.card["labels"][-1] == "fornix"
+    assert r.card["base_labels"] == list(base.label_names) and r.card["head"]["layer"] == "conv_final.2.1.conv"
+    assert set(r.dice_before) == {"anterior hippocampus", "posterior hippocampus", "fornix", "mean"}
+    assert REGISTRY[BASE].contract.num_classes == 3  # the registered base is untouched
+    reloaded = load_checkpoint(r.weights_path)
+    with torch.no_grad():
+        assert reloaded(torch.zeros(1, 1, 8, 16, 16)).shape[1] == 4
+    out = segment(new_structure.volume, (r.model, c, r.spec.name), device="cpu", return_probabilities=False)
+    assert out.labels.array.shape == new_structure.volume.shape and out.labels.array.max() <= 3
+    # from the model store (a new session): the widened head and the extended contract come back
+    from napari_medmamba.training.model_store import load_finetuned
+
+    spec = load_finetuned(r.spec.name, store=tmp_path, register_it=False)
+    assert spec.contract.label_names == c.label_names and spec.contract.label_colors == c.label_colors
+    with torch.no_grad():
+        assert spec.factory()(torch.zeros(1, 1, 8, 16, 16)).shape[1] == 4
+
+
+def test_new_labels_are_validated(example, new_structure) -> None:
+    with pytest.raises(ValueError, match="must lie in"):  # class 3 without a new label: rejected as before
+        finetune(BASE, [new_structure], max_steps=1, device="cpu", patch_size=PATCH)
+    with pytest.raises(ValueError, match="distinct"):
+        finetune(BASE, [example], max_steps=1, device="cpu", patch_size=PATCH, new_labels=["anterior hippocampus"])
+    with pytest.raises(ValueError, match="one colour"):
+        finetune(BASE, [example], max_steps=1, device="cpu", patch_size=PATCH, new_labels=["a", "b"],
+                 new_label_colors=["#123456"])
+    with pytest.raises(TypeError):
+        finetune(BASE, [example], max_steps=1, device="cpu", patch_size=PATCH, new_labels="fornix")

@@ -10,7 +10,8 @@ import torch
 from napari_medmamba.models import REGISTRY, build_model, get_model_spec
 
 SMALL = {2: {"lightm_unet_2d": (8, 16), "mhs_vm_2d": (32, 32)}, 3: {"lightm_unet_3d": (8, 8, 8),
-                                                                      "unet_3d": (8, 16, 8)}}
+                                                                      "unet_3d": (8, 16, 8),
+                                                                      "unet_3d_hn_oar": (8, 16, 8)}}
 
 
 def test_expected_models_registered() -> None:

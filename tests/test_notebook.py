@@ -130,3 +130,34 @@ def test_open_in_napari_without_display_is_clear(monkeypatch):
         pytest.skip("display detection is Linux-only")
     with pytest.raises(RuntimeError, match="needs a display"):
         open_in_napari(_volume(shape=(4, 5, 6)))
+
+
+def test_correction_example_and_resegment_keep_confirmed_voxels():
+    torch = pytest.importorskip("torch")
+    from napari_medmamba.models.registry import InputContract
+
+    vol = _volume(shape=(6, 16, 12), modality="MR")
+    labels = np.zeros(vol.shape, np.uint8)
+    w = view(vol, labels)
+    w.history.apply("paint", 1, indices=(np.array([2, 2]), np.array([3, 4]), np.array([5, 5])))
+    w.history.accept_slice(0, 4)
+    ex = w.correction_example()
+    assert ex.volume is vol and ex.labels is not w.labels and np.array_equal(ex.labels, w.labels)
+    w.history.accept_slice(0, 5)  # a snapshot: later edits do not reach the example
+    assert ex.edit_log.reviewed_indices(0) == {4} and ex.edit_log.edited_mask[2, 3, 5]
+
+    class Everything(torch.nn.Module):  # labels every voxel 1
+        def forward(self, x):
+            return torch.cat([torch.zeros_like(x), torch.ones_like(x)], dim=1)
+
+    contract = InputContract(spatial_dims=3, in_channels=1, label_names=("background", "organ"),
+                             label_colors=("#000000", "#ff0000"), patch_size=(4, 8, 8), orientation=None)
+    confirmed = w.edit_log.reviewed_mask()
+    before = w.labels.copy()
+    result = w.resegment((Everything(), contract, "everything"), device="cpu")
+    assert result.model_name == "everything" and w.result is result
+    assert np.array_equal(w.labels[confirmed], before[confirmed])   # reviewed slices 4, 5 and the edits kept
+    assert (w.labels[~confirmed] == 1).all()
+    assert w.edit_log.edits[-1].kind == "model_run" and w.edit_log.reviewed_indices(0) == {4, 5}
+    w.history.undo()
+    assert np.array_equal(w.labels, before)

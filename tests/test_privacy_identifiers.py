@@ -4,8 +4,9 @@ A synthetic patient is made from the real CT series (its headers rewritten with 
 name, ID, birth date, accession number, institution ...) in a folder and under file names
 that hold the patient's name. Every export is written and every byte written (also
 gzip-decompressed) is scanned for those identifiers: only the DICOM-SEG may hold the
-name, ID and birth date (and must); nothing else, and no file name, may hold any. With
-``deidentify=True`` the DICOM-SEG holds none of them, nor any UID of the source.
+name, ID and birth date (and must), and so may the RTSTRUCT; nothing else, and no file name,
+may hold any. With ``deidentify=True`` the DICOM-SEG and the RTSTRUCT hold none of them, nor
+any UID of the source.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import pydicom
 import pytest
 
 from napari_medmamba.annotation import LabelHistory
-from napari_medmamba.export import (derived_source_uids, export_dicom_seg, export_meshes, export_summary_json, export_volumes_csv,
-                                    write_labels)
+from napari_medmamba.export import (derived_source_uids, export_dicom_seg, export_meshes, export_rtstruct,
+                                    export_summary_json, export_volumes_csv, rtstruct_roi_names, write_labels)
 from napari_medmamba.io import read_volume, write_volume
 from napari_medmamba.privacy import UidMap, deidentify_dataset
 
@@ -40,7 +41,7 @@ PATIENT = {
     "StudyDescription": "Secret study for Doe",
 }
 ALLOWED_IN_SEG = ("Doe^Jane", "PID-123456", "19700101")
-"""What a non-de-identified DICOM-SEG must carry (copied from the source)."""
+"""What a non-de-identified DICOM-SEG (and RTSTRUCT) must carry (copied from the source)."""
 NEVER = ("Doe^Jane", "Jane Doe", "PID-123456", "19700101", "ACC-987654", "St Example Hospital", "Houseman",
          "STUDY-4242", "Privacy Lane", "OTHER-ID-777")
 """Identifiers no other export may carry (and a de-identified SEG neither).
@@ -107,7 +108,7 @@ def exported(patient_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     history.apply("erase", 0, region=np.s_[3:4, 120:130, 160:170])
     history.undo()
     out = tmp_path_factory.mktemp("exports")
-    files: dict[str, list[Path]] = {"volumes": [], "other": [], "seg": [], "seg_deid": []}
+    files: dict[str, list[Path]] = {"volumes": [], "other": [], "seg": [], "seg_deid": [], "rt": [], "rt_deid": []}
     for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
         files["volumes"].append(write_labels(labels, ct, out / f"labels{ext}"))
         files["volumes"].append(write_volume(ct, out / f"scan{ext}"))  # the scan itself, re-written
@@ -118,6 +119,8 @@ def exported(patient_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
                                               geometry=ct.geometry, model_name="test", edit_log=history.edit_log))
     files["seg"].append(export_dicom_seg(labels, ct, NAMES, COLORS, out / "seg.dcm", edit_log=history.edit_log))
     files["seg_deid"].append(export_dicom_seg(labels, ct, NAMES, COLORS, out / "seg_deid.dcm", deidentify=True))
+    files["rt"].append(export_rtstruct(labels, ct, out / "rtstruct.dcm", NAMES, COLORS, edit_log=history.edit_log))
+    files["rt_deid"].append(export_rtstruct(labels, ct, out / "rtstruct_deid.dcm", NAMES, COLORS, deidentify=True))
     everything = sorted(p for p in out.rglob("*") if p.is_file())
     listed = {p for group in files.values() for p in group}
     files["unlisted"] = [p for p in everything if p not in listed]  # e.g. .raw/.zraw data files of .nhdr/.mhd
@@ -185,6 +188,52 @@ def test_deidentified_dicom_seg_carries_no_identifier_and_no_source_uid(exported
     parsed = hd.seg.segread(seg_path)
     assert [parsed.get_segment_description(n).SegmentLabel for n in (1, 2)] == ["liver", "lesion"]
     assert int(seg.NumberOfFrames) == int(pydicom.dcmread(exported["seg"][0]).NumberOfFrames)
+
+
+def test_rtstruct_copies_patient_and_study_identifiers_only(exported: dict[str, list[Path]],
+                                                            patient_folder: Path) -> None:
+    (rt_path,) = exported["rt"]
+    assert _found(rt_path, ALLOWED_IN_SEG) == set(ALLOWED_IN_SEG)
+    leaks = _found(rt_path, ("St Example Hospital", "Privacy Lane", "OTHER-ID-777", "Petersgraben", "PETCT2",
+                             "Secret study"))
+    assert not leaks, f"the RTSTRUCT copied more than the patient/study modules: {leaks}"
+    rt = pydicom.dcmread(rt_path)
+    seg = pydicom.dcmread(exported["seg"][0])
+    assert str(rt.PatientName) == "Doe^Jane" and rt.PatientID == "PID-123456"
+    assert rt.PatientBirthDate == "19700101" and rt.PatientSex == "F"
+    assert rt.AccessionNumber == "ACC-987654" and rt.StudyID == "STUDY-4242"
+    assert str(rt.ReferringPhysicianName) == "Houseman^Greg"
+    assert rt.StudyInstanceUID == seg.StudyInstanceUID  # filed with the scan, like the SEG
+    frame = rt.ReferencedFrameOfReferenceSequence[0]
+    assert frame.FrameOfReferenceUID == seg.FrameOfReferenceUID
+    for keyword in ("InstitutionName", "InstitutionAddress", "PatientAddress", "OtherPatientIDs", "StationName",
+                    "StudyDescription", "DeviceSerialNumber", "PatientIdentityRemoved"):
+        assert keyword not in rt
+    assert not [e for e in rt if e.tag.is_private]
+    assert {r.ROIGenerationAlgorithm for r in rt.StructureSetROISequence} == {"SEMIAUTOMATIC"}  # edited
+
+
+def test_deidentified_rtstruct_carries_no_identifier_and_no_source_uid(exported: dict[str, list[Path]],
+                                                                      patient_folder: Path) -> None:
+    (rt_path,) = exported["rt_deid"]
+    leaks = _found(rt_path, NEVER + SEG_NEVER)
+    assert not leaks, leaks
+    source_uids = set()
+    for file in patient_folder.iterdir():
+        ds = pydicom.dcmread(file, stop_before_pixels=True)
+        source_uids |= {ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.FrameOfReferenceUID}
+    source_uids |= set(derived_source_uids(read_volume(patient_folder).dicom).values())
+    source_uids.discard("")
+    data = rt_path.read_bytes()
+    assert not [uid for uid in source_uids if uid.encode() in data]
+    rt = pydicom.dcmread(rt_path)
+    assert str(rt.PatientName) == "ANONYMOUS" and rt.PatientID == "" and rt.get("PatientBirthDate", "") == ""
+    assert rt.PatientIdentityRemoved == "YES"
+    # the same structures and contours as the identified RTSTRUCT
+    plain = pydicom.dcmread(exported["rt"][0])
+    assert rtstruct_roi_names(rt) == rtstruct_roi_names(plain) == NAMES
+    count = [len(c.ContourSequence) for c in rt.ROIContourSequence]
+    assert count == [len(c.ContourSequence) for c in plain.ROIContourSequence]
 
 
 def test_deidentify_dataset_is_consistent_and_leaves_the_source_alone(patient_folder: Path) -> None:

@@ -148,3 +148,33 @@ def test_trainer_path_needs_no_simpleitk_or_qt():
         "assert callable(t.train)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_partial_label_loss_marginalises_uncontoured_classes():
+    """A class a sample did not contour is never taught as background: with it merged into background, moving
+    probability between background and that class does not change the loss; without partial labels the loss
+    equals plain CE + soft Dice."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 6, 7)
+    target = torch.randint(0, 4, (2, 5, 6, 7))
+    target[1][target[1] == 2] = 0
+    full = dice_ce_loss(logits, target)
+    assert torch.allclose(full, dice_ce_loss(logits, target, present=torch.ones(2, 4, dtype=torch.bool)))
+    probs = logits.softmax(1)
+    onehot = F.one_hot(target, 4).movedim(-1, 1).float()
+    inter, denom = (probs * onehot).sum((0, 2, 3, 4)), (probs + onehot).sum((0, 2, 3, 4))
+    expected = F.cross_entropy(logits, target) + 1 - ((2 * inter + 1e-5) / (denom + 1e-5))[1:].mean()
+    assert torch.allclose(full, expected, atol=1e-5)
+
+    present = torch.ones(2, 4, dtype=torch.bool)
+    present[1, 2] = False
+    base = dice_ce_loss(logits, target, present=present)
+    shifted = logits.clone()
+    bg = target[1] == 0  # sample 1: swap background and the uncontoured class 2 where the label is 0
+    shifted[1, 0][bg], shifted[1, 2][bg] = logits[1, 2][bg], logits[1, 0][bg]
+    assert torch.allclose(dice_ce_loss(shifted, target, present=present), base, atol=1e-6)
+    assert float(dice_ce_loss(shifted, target) - full) != pytest.approx(0.0, abs=1e-3)  # the plain loss sees it
+    present[0, 1] = False  # sample 0's class-1 voxels, labelled 1, still count: present only widens background
+    assert torch.isfinite(dice_ce_loss(logits, target, present=present))

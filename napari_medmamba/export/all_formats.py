@@ -13,10 +13,11 @@ from ..io import Volume
 from ..io.write import write_labels
 from .dicom_seg import export_dicom_seg
 from .meshes import export_meshes
+from .rtstruct import export_rtstruct
 from .summary_json import export_summary_json
 from .volumes_csv import export_volumes_csv
 
-__all__ = ["FORMATS", "LABEL_MAP_EXT", "hex_to_rgb01", "run_exports", "safe_stem"]
+__all__ = ["EDITS_SUFFIX", "FORMATS", "LABEL_MAP_EXT", "hex_to_rgb01", "run_exports", "safe_stem"]
 
 
 def hex_to_rgb01(color: str) -> tuple[float, float, float]:
@@ -30,12 +31,16 @@ FORMATS: dict[str, str] = {
     "nrrd": "NRRD label map (.nrrd)",
     "mha": "MetaImage label map (.mha)",
     "dicom_seg": "DICOM-SEG (.dcm)",
+    "rtstruct": "RTSTRUCT contours for treatment planning (.dcm)",
     "csv": "Label volumes table (.csv: mL, bounding box in mm)",
     "stl": "Surface meshes (.stl, mm)",
     "obj": "Surface meshes (.obj, mm)",
     "json": "Summary (.json)",
+    "edits": "Edit log: reviewed slices and corrections, for fine-tuning (.npz)",
 }
 LABEL_MAP_EXT = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
+EDITS_SUFFIX = "_edits.npz"
+"""File name suffix of an exported edit log (``<case>_edits.npz``, beside ``<case>.nii.gz``)."""
 
 
 def safe_stem(name: str) -> str:
@@ -72,6 +77,9 @@ def run_exports(
             elif fmt == "dicom_seg":
                 written.append(export_dicom_seg(labels, source, names, colors, folder / f"{stem}_seg.dcm",
                                                 model_name=model_name or "napari-medmamba", edit_log=edit_log))
+            elif fmt == "rtstruct":
+                written.append(export_rtstruct(labels, source, folder / f"{stem}_rtstruct.dcm", names, colors,
+                                               model_name=model_name or "napari-medmamba", edit_log=edit_log))
             elif fmt == "csv":
                 written.append(export_volumes_csv(labels, source.geometry, names, folder / f"{stem}_volumes.csv"))
             elif fmt in ("stl", "obj"):
@@ -82,6 +90,10 @@ def run_exports(
                     folder / f"{stem}_summary.json", names, label_colors=colors, labels=labels,
                     geometry=source.geometry, model_name=model_name, edit_log=edit_log,
                 ))
+            elif fmt == "edits":
+                if edit_log is None:
+                    raise ValueError("there is no edit log (review or correct some slices first)")
+                written.append(edit_log.save(folder / f"{stem}{EDITS_SUFFIX}"))
             else:
                 errors.append(f"unknown export format {fmt!r}")
         except Exception as exc:  # report, keep exporting the other formats

@@ -9,7 +9,6 @@ references every source instance, so PACS and viewers place it on the series.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
@@ -20,16 +19,24 @@ import numpy as np
 from .. import __version__
 from ..atomic_write import atomic_write
 from ..annotation.edit_log import EditLog
-from ..io.volume import DicomInfo, Volume
-from .errors import DicomSourceError, ExportError
-from .label_table import LabelColors, LabelNames, check_label_map, label_colors_dict, label_names_dict, present_labels
+from ..io.volume import Volume
+from .dicom_source import (
+    ALGORITHM_TYPES,
+    DicomSourceWarning,
+    algorithm_type_for,
+    deidentified_sources,
+    derived_source_uids,
+    prepared_labels,
+    require_dicom_source,
+    source_datasets,
+)
+from .errors import ExportError
+from .label_table import LabelColors, LabelNames, label_names_dict
 
 __all__ = ["export_dicom_seg", "derived_source_uids", "DicomSegWarning", "ALGORITHM_TYPES"]
 
-ALGORITHM_TYPES = ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL")
 
-
-class DicomSegWarning(UserWarning):
+class DicomSegWarning(DicomSourceWarning):
     """The source series lacks an identifier the SEG needs; a derived one is used."""
 
 
@@ -41,71 +48,6 @@ def _highdicom() -> Any:
             "DICOM-SEG export needs highdicom: pip install 'napari-medmamba[dicom]' (or pip install highdicom)"
         ) from None
     return highdicom
-
-
-def derived_source_uids(info: DicomInfo) -> dict[str, str]:
-    """Study, series and frame-of-reference UIDs of the source, derived where missing.
-
-    Anonymised series sometimes have empty UIDs; a SEG must reference real ones, so a
-    UID is derived deterministically from the SOP instance UIDs (the same series always
-    gets the same derived UIDs).
-    """
-    from pydicom.uid import generate_uid
-
-    sources = list(info.sop_instance_uids)
-    out = {
-        "StudyInstanceUID": info.study_instance_uid,
-        "SeriesInstanceUID": info.series_instance_uid,
-        "FrameOfReferenceUID": info.frame_of_reference_uid or "",
-    }
-    for key in out:
-        if not out[key]:
-            out[key] = str(generate_uid(entropy_srcs=["napari-medmamba", key, *sources]))
-    return out
-
-
-def _source_datasets(source: Volume, path: Path) -> list[Any]:
-    """The source instances in z order, with UIDs filled from the file meta or derived."""
-    import pydicom
-
-    info = source.dicom
-    assert info is not None
-    if len(info.files) != source.shape[0]:
-        raise DicomSourceError(path, f"the source lists {len(info.files)} DICOM files for {source.shape[0]} slices")
-    uids = derived_source_uids(info)
-    given = {
-        "StudyInstanceUID": info.study_instance_uid,
-        "SeriesInstanceUID": info.series_instance_uid,
-        "FrameOfReferenceUID": info.frame_of_reference_uid,
-    }
-    missing = [key for key, value in given.items() if not value]
-    if missing:
-        warnings.warn(
-            f"the source series has no {', '.join(missing)}; the DICOM-SEG uses derived UIDs "
-            f"({', '.join(uids[k] for k in missing)}) that other software will not recognise",
-            DicomSegWarning,
-            stacklevel=3,
-        )
-    datasets = []
-    for z, file in enumerate(info.files):
-        try:
-            ds = pydicom.dcmread(file, stop_before_pixels=True)
-        except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            raise DicomSourceError(file, f"cannot read the source DICOM file ({exc})") from None
-        meta = getattr(ds, "file_meta", None)
-        if not ds.get("SOPClassUID") and meta is not None:
-            ds.SOPClassUID = meta.get("MediaStorageSOPClassUID", "")
-        if not ds.get("SOPInstanceUID") and meta is not None:
-            ds.SOPInstanceUID = meta.get("MediaStorageSOPInstanceUID", "")
-        if z < len(info.sop_instance_uids) and str(ds.get("SOPInstanceUID", "")) != info.sop_instance_uids[z]:
-            raise DicomSourceError(file, "the file changed since the series was read (SOP Instance UID differs)")
-        if (int(ds.Rows), int(ds.Columns)) != source.shape[1:]:
-            raise DicomSourceError(file, f"image size {ds.Rows}x{ds.Columns} differs from the grid {source.shape[1:]}")
-        for key, value in uids.items():
-            if not ds.get(key):
-                setattr(ds, key, value)
-        datasets.append(ds)
-    return datasets
 
 
 _SITE_KEYWORDS = ("InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName",
@@ -168,40 +110,15 @@ def export_dicom_seg(
     instance UIDs (randomly salted, so they do not match the original series).
     """
     path = Path(path)
-    if source.dicom is None:
-        where = f"{source.path}" if source.path is not None else "the source volume"
-        raise DicomSourceError(
-            path,
-            f"DICOM-SEG needs a DICOM source series, but {where} was not read from DICOM; "
-            "export NIfTI/NRRD instead",
-        )
+    require_dicom_source(source, path, "DICOM-SEG")
     hd = _highdicom()
     from pydicom.sr.codedict import codes
 
-    try:
-        labels = check_label_map(labels, source.shape)
-        colors = label_colors_dict(label_colors)
-    except ValueError as exc:
-        raise ExportError(path, str(exc)) from None
-    values = present_labels(labels)
-    if not values:
-        raise ExportError(path, "the label map is empty: there is no segment to export")
-    if algorithm_type is None:
-        edited = edit_log is not None and any(e.kind not in ("model_run",) for e in edit_log.edits)
-        algorithm_type = "SEMIAUTOMATIC" if edited else "AUTOMATIC"
-    algorithm_type = algorithm_type.upper()
-    if algorithm_type not in ALGORITHM_TYPES:
-        raise ExportError(path, f"algorithm_type must be one of {', '.join(ALGORITHM_TYPES)}, got {algorithm_type!r}")
-    sources = _source_datasets(source, path)
+    labels, colors, values = prepared_labels(labels, source, label_colors, path, "segment")
+    algorithm_type = algorithm_type_for(algorithm_type, edit_log, path)
+    sources = source_datasets(source, path, what="DICOM-SEG", category=DicomSegWarning)
     if deidentify:
-        from ..privacy import DEIDENTIFIED_PATIENT_NAME, UidMap, deidentify_dataset
-
-        uid_map = UidMap()
-        sources = [
-            deidentify_dataset(ds, uid_map, patient_name=pseudonym or DEIDENTIFIED_PATIENT_NAME,
-                               patient_id=pseudonym or "")
-            for ds in sources
-        ]
+        sources = deidentified_sources(sources, pseudonym)
 
     names = label_names_dict(label_names)
     algorithm = None

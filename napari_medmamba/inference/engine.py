@@ -99,7 +99,8 @@ def cancel_check(cancel: Cancel) -> Callable[[], bool]:
 
 
 def resolve_model(model: ModelLike) -> tuple[nn.Module, InputContract, str, list[str]]:
-    """(network, contract, name, warnings) for a registry name, a ModelSpec or (module, contract)."""
+    """(network, contract, name, warnings) for a registry name (or the name of a fine-tuned model in the
+    user's model store), a ModelSpec or (module, contract)."""
     if isinstance(model, tuple):
         net, contract, *name = model
         if not isinstance(net, nn.Module) or not isinstance(contract, InputContract) or len(name) > 1:
@@ -107,7 +108,17 @@ def resolve_model(model: ModelLike) -> tuple[nn.Module, InputContract, str, list
         return net, contract, (name[0] if name else type(net).__name__), []
     from ..models import build_model, load_registered_model
 
-    spec = get_model_spec(model) if isinstance(model, str) else model
+    if isinstance(model, str):
+        try:
+            spec = get_model_spec(model)
+        except KeyError:  # a fine-tuned model saved in the user's model store?
+            from ..training.model_store import list_finetuned, load_finetuned
+
+            if not any(m.name == model for m in list_finetuned()):
+                raise
+            spec = load_finetuned(model)
+    else:
+        spec = model
     if not isinstance(spec, ModelSpec):
         raise TypeError("model must be a registry name, a ModelSpec or (torch.nn.Module, InputContract)")
     if spec.weights:

@@ -11,8 +11,8 @@ from .mhs_vm import MHSVM
 from .registry import WEIGHTS_DIR, InputContract, ModelSpec, get_model_spec, register
 from .unet import UNet
 
-__all__ = ["ARCHITECTURES", "DEFAULT_MODEL", "build_model", "default_model_name", "HIPPOCAMPUS_LABELS",
-           "HIPPOCAMPUS_COLORS"]
+__all__ = ["ARCHITECTURES", "DEFAULT_CT_MODEL", "DEFAULT_MODEL", "HN_OAR_COLORS", "HN_OAR_LABELS", "HIPPOCAMPUS_COLORS",
+           "HIPPOCAMPUS_LABELS", "build_model", "default_model_name"]
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"LightMUNet": LightMUNet, "MHSVM": MHSVM, "UNet": UNet}
 """Network classes by name (the ``arch`` entry of our safetensors metadata)."""
@@ -24,8 +24,19 @@ _MR = {"in_channels": 1, "label_names": HIPPOCAMPUS_LABELS, "label_colors": HIPP
        "target_spacing": (1.0, 1.0, 1.0), "modality": "MR", "normalization": "zscore"}
 
 
+HN_OAR_LABELS = ("background", "brainstem", "spinal cord", "right parotid", "left parotid", "esophagus", "larynx",
+                 "mandible")
+HN_OAR_COLORS = ("#000000", "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f0e68c")
+_CT_HN = {"in_channels": 1, "label_names": HN_OAR_LABELS, "label_colors": HN_OAR_COLORS,
+          "target_spacing": (2.5, 4.0, 4.0), "modality": "CT", "normalization": "ct",
+          # 0.5/99.5 percentiles of organ voxels in 40 OpenKBP cases, then their mean/std (nnU-Net's CT scheme)
+          "ct_window": (-990.0, 1550.0), "ct_stats": (152.2, 394.4)}
+_PATCH_CT = (64, 128, 128)  # 160 x 512 x 512 mm: the whole head-and-neck field of view in-plane
+
 DEFAULT_MODEL = "lightm_unet_3d"
 """The model used when none is named (README main command, CLI, napari widget)."""
+DEFAULT_CT_MODEL = "lightm_unet_3d_hn_oar"
+"""The default model for CT scans (head-and-neck organs at risk)."""
 
 
 def default_model_name() -> str:
@@ -38,8 +49,8 @@ def build_model(name: str) -> nn.Module:
     return get_model_spec(name).factory()
 
 
-def _lightm(spatial_dims: int) -> nn.Module:
-    return LightMUNet(spatial_dims=spatial_dims, init_filters=32, in_channels=1, out_channels=3,
+def _lightm(spatial_dims: int, out_channels: int = 3) -> nn.Module:
+    return LightMUNet(spatial_dims=spatial_dims, init_filters=32, in_channels=1, out_channels=out_channels,
                       blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
 
 
@@ -72,3 +83,16 @@ register(ModelSpec(
     name="unet_3d", factory=lambda: UNet(spatial_dims=3, in_channels=1, out_channels=3, features=(32, 64, 128, 256)),
     contract=InputContract(spatial_dims=3, patch_size=_PATCH_3D, **_MR),
     description="Plain 3D U-Net baseline (widths 32/64/128/256) of a budget comparable to LightM-UNet 3D."))
+register(ModelSpec(
+    name="lightm_unet_3d_hn_oar", factory=lambda: _lightm(3, len(HN_OAR_LABELS)),
+    contract=InputContract(spatial_dims=3, patch_size=_PATCH_CT, **_CT_HN),
+    description="LightM-UNet 3D (widths 32/64/128/256); head-and-neck organs at risk on CT (OpenKBP), "
+                "2.5 x 4 x 4 mm working grid. Preliminary weights: see the model card.",
+    weights="lightm_unet_3d_hn_oar.safetensors",
+    sha256="5ccba6eaa22e83a41a70fd47a31f0c0bde4bc3c1664a47eaf792f7ac22ad908a",
+    card=_card("lightm_unet_3d_hn_oar.json")))
+register(ModelSpec(
+    name="unet_3d_hn_oar",
+    factory=lambda: UNet(spatial_dims=3, in_channels=1, out_channels=len(HN_OAR_LABELS), features=(32, 64, 128, 256)),
+    contract=InputContract(spatial_dims=3, patch_size=_PATCH_CT, **_CT_HN),
+    description="Plain 3D U-Net baseline for the head-and-neck CT model (same recipe and budget)."))

@@ -59,6 +59,9 @@ def view(
     The widget's ``labels`` is the numpy array, ``history`` the
     :class:`~napari_medmamba.annotation.LabelHistory` (``widget.history.undo()``),
     ``edit_log`` the edit log. Only the three visible slices are sent to the browser.
+    ``widget.correction_example()`` packs scan + labels + edit log for
+    :func:`~napari_medmamba.training.finetune.finetune`; ``widget.resegment(model)`` re-runs a model
+    (e.g. the fine-tuned one) as one undoable step that keeps the reviewed / edited voxels.
     """
     from ._widget import make_viewer
 

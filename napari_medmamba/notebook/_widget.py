@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..annotation import EditLog, LabelHistory
 from ..io import Volume
 from ._esm import ESM
+
+if TYPE_CHECKING:
+    from ..training.finetune import CorrectionExample
 
 INSTALL_HINT = "pip install 'napari-medmamba[notebook]'"
 
@@ -234,6 +237,31 @@ def widget_class() -> type:
             else:
                 raise ValueError(f"unknown message type {kind!r}")
             return entry
+
+        def correction_example(self) -> CorrectionExample:
+            """The scan, a copy of the labels and a snapshot of the edit log, ready for
+            :func:`~napari_medmamba.training.finetune.finetune` (it learns only from the reviewed slices
+            and edited voxels the log records)."""
+            from ..training.finetune import CorrectionExample
+
+            log = EditLog.from_bytes(self.edit_log.to_bytes())
+            return CorrectionExample(self.volume, self.labels.copy(), log)
+
+        def resegment(self, model: Any, *, keep_confirmed: bool = True, device: str = "auto",
+                      mode: str = "accurate") -> Any:
+            """Segment the scan again with ``model`` (a registry name or ModelSpec, e.g. a fine-tuned one) and
+            write the result into ``labels`` as one undoable step; with ``keep_confirmed`` every voxel of a
+            reviewed slice and every edited voxel keeps the user's label. Returns the SegmentationResult
+            (also kept as ``widget.result``)."""
+            from ..inference import segment
+
+            result = segment(self.volume, model, device=device, mode=mode)
+            with self.history.lock:
+                keep = self.edit_log.reviewed_mask() if keep_confirmed else None
+                self.history.apply("model_run", np.asarray(result.labels.array),
+                                   mask=None if keep is None else ~keep)
+            self.result = result
+            return result
 
         def undo(self) -> Any:
             return self.history.undo()

@@ -45,9 +45,16 @@ class PatchSampler:
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(B, 1, *patch) float32 images and (B, *patch) int64 labels."""
-        ims, lbs = [], []
+        ims, lbs, _ = self.sample_with_cases(batch_size, rng)
+        return ims, lbs
+
+    def sample_with_cases(self, batch_size: int, rng: np.random.Generator
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As :meth:`sample`, plus the (B,) index of the case each patch came from."""
+        ims, lbs, idx = [], [], []
         for _ in range(batch_size):
             i = int(rng.integers(len(self.images)))
+            idx.append(i)
             shape = self.images[i].shape
             if rng.random() < self.fg_fraction and self.fg[i].size:
                 centre = np.unravel_index(int(self.fg[i][rng.integers(self.fg[i].size)]), shape)
@@ -59,7 +66,7 @@ class PatchSampler:
             im, lb = self._crop(i, start)
             ims.append(im)
             lbs.append(lb)
-        return np.stack(ims)[:, None], np.stack(lbs)
+        return np.stack(ims)[:, None], np.stack(lbs), np.asarray(idx, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,8 @@ class AugmentConfig:
     gamma: tuple[float, float] = (0.7, 1.5)
     p_noise: float = 0.15
     noise_std: tuple[float, float] = (0.0, 0.1)
+    in_plane_only: bool = False
+    """Rotate about the z axis only (for 2D models trained on single axial slices)."""
 
 
 def _rotation(angles: np.ndarray) -> np.ndarray:
@@ -109,6 +118,8 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
         for i in range(b):
             if do_aff[i]:
                 ang = np.deg2rad(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg, 3))
+                if cfg.in_plane_only:
+                    ang[:2] = 0.0
                 theta[i, :, :3] = _rotation(ang) / rng.uniform(*cfg.scale)
             else:
                 theta[i, :, :3] = np.eye(3)

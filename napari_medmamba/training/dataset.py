@@ -23,6 +23,8 @@ class Case(NamedTuple):
     case_id: str
     image_path: Path
     label_path: Path
+    labelled: tuple[int, ...] | None = None
+    """Label values that were contoured in this case (partial labels); None: every class was."""
 
 
 def _stem(path: Path) -> str | None:
@@ -42,14 +44,35 @@ def _sub(folder: Path, names: Sequence[str]) -> Path:
     raise FileNotFoundError(f"{folder}: no {' or '.join(names)} folder")
 
 
+def _openkbp_cases(folder: Path) -> list[Case]:
+    """OpenKBP as converted in ``../shared/data/openkbp``: ``pt_N_ct.nii.gz`` + ``pt_N_oar.nii.gz`` and a
+    ``cases.tsv`` whose third column lists the contoured organs as ``Name=value`` pairs."""
+    cases = []
+    lines = (folder / "cases.tsv").read_text().splitlines()
+    for line in lines[1:]:
+        cols = line.split("\t")
+        if len(cols) < 3 or not cols[0].strip():
+            continue
+        cid = cols[0].strip()
+        values = tuple(sorted(int(item.split("=")[1]) for item in cols[2].split(",") if "=" in item))
+        image, label = folder / f"{cid}_ct.nii.gz", folder / f"{cid}_oar.nii.gz"
+        if not image.is_file() or not label.is_file():
+            raise FileNotFoundError(f"{folder}: case {cid} of cases.tsv has no {image.name} / {label.name}")
+        cases.append(Case(cid, image, label, values))
+    return sorted(cases, key=lambda c: (len(c.case_id), c.case_id))
+
+
 def load_case_folder(folder: str | Path) -> list[Case]:
     """The labelled cases of ``folder``, sorted by id.
 
     Layouts: ``imagesTr/NAME.nii.gz`` (MSD, ours) or ``imagesTr/NAME_0000.nii.gz`` (nnU-Net raw, single
     channel), with ``labelsTr/NAME.nii.gz``; ``images``/``labels`` folder names also work, and any
-    format ``read_volume`` reads. Labels without an image raise ``FileNotFoundError``.
+    format ``read_volume`` reads. Labels without an image raise ``FileNotFoundError``. A folder with a
+    ``cases.tsv`` and ``pt_N_ct.nii.gz`` / ``pt_N_oar.nii.gz`` files is read as OpenKBP, with partial labels.
     """
     folder = Path(folder)
+    if (folder / "cases.tsv").is_file() and any(folder.glob("*_oar.nii.gz")):
+        return _openkbp_cases(folder)
     images = {s: p for p in _sub(folder, ("imagesTr", "images")).iterdir() if (s := _stem(p)) is not None}
     cases = []
     for label in sorted(_sub(folder, ("labelsTr", "labels")).iterdir()):
@@ -103,7 +126,8 @@ def _prepare(case: Case, contract) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_cache(cases: Sequence[Case], path: str | Path, model_name: str = "lightm_unet_3d",
-                source: str = "", licence: str = "", log: Callable[[str], None] | None = None) -> Path:
+                source: str = "", licence: str = "", log: Callable[[str], None] | None = None,
+                citation: Sequence[str] = ()) -> Path:
     """Read, reorient, resample (when the spacing differs) and normalise ``cases`` as the model contract
     says; write float16 images and uint8 labels, flat and concatenated, to ONE compressed ``.npz``."""
     from ..models.registry import get_model_spec
@@ -111,7 +135,11 @@ def build_cache(cases: Sequence[Case], path: str | Path, model_name: str = "ligh
 
     contract = get_model_spec(model_name).contract
     images, labels, shapes = [], [], []
+    present = np.ones((len(cases), contract.num_classes), dtype=bool)
     for i, case in enumerate(cases):
+        if case.labelled is not None:
+            present[i, 1:] = False
+            present[i, [v for v in case.labelled if 0 < v < contract.num_classes]] = True
         im, lb = _prepare(case, contract)
         images.append(im.ravel())
         labels.append(lb.ravel())
@@ -121,26 +149,29 @@ def build_cache(cases: Sequence[Case], path: str | Path, model_name: str = "ligh
     sizes = [int(np.prod(s)) for s in shapes]
     meta = {"format": CACHE_FORMAT, "model": model_name, "orientation": contract.orientation,
             "target_spacing": contract.target_spacing, "normalization": contract.normalization,
-            "label_names": list(contract.label_names), "source": source, "licence": licence}
+            "label_names": list(contract.label_names), "source": source, "licence": licence,
+            "citation": list(citation)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         np.savez_compressed(f, images=np.concatenate(images), labels=np.concatenate(labels),
                             shapes=np.asarray(shapes, dtype=np.int64),
                             offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-                            case_ids=np.asarray([c.case_id for c in cases], dtype=str),
+                            case_ids=np.asarray([c.case_id for c in cases], dtype=str), present=present,
                             meta=np.asarray(json.dumps(meta)))
     return path
 
 
 @dataclass
 class CachedCases:
-    """Preprocessed cases: ``images[i]`` float16 (z, y, x), ``labels[i]`` uint8, ``case_ids[i]``."""
+    """Preprocessed cases: ``images[i]`` float16 (z, y, x), ``labels[i]`` uint8, ``case_ids[i]``;
+    ``present[i, c]`` is False where class ``c`` was not contoured in case ``i`` (partial labels)."""
 
     case_ids: list[str]
     images: list[np.ndarray]
     labels: list[np.ndarray]
     meta: dict
+    present: np.ndarray | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "CachedCases":
@@ -151,9 +182,10 @@ class CachedCases:
                 raise ValueError(f"{path}: not a napari-medmamba training cache")
             images, labels, shapes, offsets = z["images"], z["labels"], z["shapes"], z["offsets"]
             ids = [str(i) for i in z["case_ids"]]
+            present = z["present"] if "present" in z.files else None
         ims = [images[a:b].reshape(s) for a, b, s in zip(offsets[:-1], offsets[1:], shapes)]
         lbs = [labels[a:b].reshape(s) for a, b, s in zip(offsets[:-1], offsets[1:], shapes)]
-        return cls(ids, ims, lbs, meta)
+        return cls(ids, ims, lbs, meta, present)
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -166,4 +198,9 @@ class CachedCases:
             raise KeyError(f"cases not in the cache: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         sel = [index[i] for i in ids]
         return CachedCases([self.case_ids[i] for i in sel], [self.images[i] for i in sel],
-                           [self.labels[i] for i in sel], self.meta)
+                           [self.labels[i] for i in sel], self.meta,
+                           None if self.present is None else self.present[sel])
+
+    def present_mask(self, num_classes: int) -> np.ndarray:
+        """(n_cases, num_classes) bool: which classes each case has contoured (all True without partial labels)."""
+        return np.ones((len(self), num_classes), bool) if self.present is None else self.present

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +27,6 @@ import torch
 from torch import nn
 
 from ..annotation.edit_log import EditLog
-from ..atomic_write import atomic_write
 from ..inference.engine import Cancel, cancel_check
 from ..inference.planner import choose_device
 from ..inference.preprocessing import (
@@ -39,7 +37,6 @@ from ..inference.preprocessing import (
 )
 from ..inference.sliding_window import sliding_window
 from ..io.volume import Geometry, Volume
-from ..models.checkpoints import save_weights
 from ..models.registry import (
     REGISTRY,
     InputContract,
@@ -51,6 +48,7 @@ from ..models.shipped import load_registered_model, sha256_file, weights_path
 from ..models.zoo import build_model
 from .augment import AugmentConfig, augment_batch
 from .losses import dice_ce_loss, dice_per_class
+from .model_store import save_finetuned
 
 __all__ = [
     "INTENDED_USE",
@@ -59,10 +57,12 @@ __all__ = [
     "PreparedExample",
     "encoder_prefixes",
     "finetune",
+    "find_head",
     "prepare_example",
     "register_finetuned",
     "supervision_mask",
     "unregister",
+    "widen_head",
 ]
 
 INTENDED_USE = "Research only. Not a medical device; not for clinical decisions."
@@ -73,6 +73,20 @@ _ENCODERS: dict[str, tuple[str, ...]] = {
     "UNet": ("encoder.",),
     "MHSVM": ("patch_embed.", "layers."),
 }
+NEW_LABEL_COLORS = ("#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f",
+                    "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5")
+"""Colours for classes added by ``finetune(new_labels=...)``; those the contract already uses are skipped."""
+NEW_CLASS_BIAS_OFFSET = 2.0
+"""A new class starts as a copy of the background channel with this much lower bias (never predicted at first)."""
+DEFAULT_LR = {"decoder": 1e-3, "full": 3e-4}
+"""AdamW learning rate per mode. Decoder mode trains fewer parameters and learned too slowly at 3e-4: simulated
+user, 2 shifted cases, 5 corrected slices each, 120 s on 2 CPU threads: Dice on the untouched slices +0.094 at
+1e-3 vs +0.034 at 3e-4, on other cases of the same scanner +0.109 vs +0.045 (docs/finetune.md)."""
+TRAIN_Z_STRIDES = 2
+"""Default training patch depth, in network strides (16 slices for LightM-UNet): the supervision is single
+axial slices, so a thin slab around them carries the same supervised voxels as the contract's full-depth patch
+at 40 % of the cost per step (LightM-UNet 3D, batch 2, 2 CPU threads: 1.8 s instead of 4.6 s per step; see
+docs/finetune.md, simulated-user benchmark)."""
 _NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm3d)
 
 
@@ -230,6 +244,64 @@ def _set_trainable(net: nn.Module, mode: str) -> list[str]:
     return names
 
 
+def find_head(net: nn.Module, num_classes: int) -> tuple[str, nn.Module]:
+    """The network's final classification layer: the last convolution (in module order) that produces
+    ``num_classes`` channels. Returns its qualified name and the module."""
+    found = None
+    for n, m in net.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.out_channels == num_classes and m.groups == 1:
+            found = (n, m)
+    if found is None:
+        raise ValueError(f"{type(net).__name__} has no convolution with {num_classes} output channels")
+    return found
+
+
+def widen_head(net: nn.Module, num_classes: int, extra: int, bias_offset: float = NEW_CLASS_BIAS_OFFSET) -> str:
+    """Give ``net``'s classification layer ``extra`` more output channels, in place; returns the layer's name.
+
+    Existing channels keep their weights exactly (the existing classes' logits are unchanged); each new channel
+    starts as a copy of the background channel (0) with its bias lowered by ``bias_offset``, so the widened
+    network predicts what the base predicted until training moves the new logits. ``arch_config['out_channels']``
+    (saved with the weights) is updated.
+    """
+    if extra < 1:
+        raise ValueError("extra must be >= 1")
+    name, old = find_head(net, num_classes)
+    conv = type(old)(old.in_channels, num_classes + extra, old.kernel_size, stride=old.stride, padding=old.padding,
+                     dilation=old.dilation, groups=old.groups, bias=True, padding_mode=old.padding_mode)
+    conv = conv.to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        old_bias = old.bias if old.bias is not None else torch.zeros(num_classes, device=old.weight.device)
+        conv.weight[:num_classes] = old.weight
+        conv.weight[num_classes:] = old.weight[:1]
+        conv.bias[:num_classes] = old_bias
+        conv.bias[num_classes:] = old_bias[0] - bias_offset
+    parent_name, _, attr = name.rpartition(".")
+    setattr(net.get_submodule(parent_name) if parent_name else net, attr, conv)
+    config = getattr(net, "arch_config", None)
+    if isinstance(config, dict) and config.get("out_channels") == num_classes:
+        config["out_channels"] = num_classes + extra
+    return name
+
+
+def _extend_contract(contract: InputContract, new_labels: Sequence[str],
+                     new_colors: Sequence[str] | None) -> InputContract:
+    new_labels = tuple(str(n) for n in new_labels)
+    if any(not n.strip() for n in new_labels):
+        raise ValueError("new label names must be non-empty")
+    if len(set(new_labels)) != len(new_labels) or set(new_labels) & set(contract.label_names):
+        raise ValueError(f"new labels {new_labels} must be distinct and differ from the model's "
+                         f"{contract.label_names}")
+    if new_colors is None:
+        used = {c.lower() for c in contract.label_colors}
+        palette = [c for c in NEW_LABEL_COLORS if c not in used] or list(NEW_LABEL_COLORS)
+        new_colors = tuple(palette[i % len(palette)] for i in range(len(new_labels)))
+    if len(new_colors) != len(new_labels):
+        raise ValueError("give one colour per new label")
+    return replace(contract, label_names=contract.label_names + new_labels,
+                   label_colors=contract.label_colors + tuple(new_colors))
+
+
 # ---- patches and evaluation --------------------------------------------------------------------------
 
 def _crop(arrays: Sequence[np.ndarray], start: Sequence[int], patch: Sequence[int], fills: Sequence) -> list[np.ndarray]:
@@ -244,6 +316,12 @@ def _crop(arrays: Sequence[np.ndarray], start: Sequence[int], patch: Sequence[in
         o[tuple(dst)] = a[tuple(src)]
         out.append(o)
     return out
+
+
+def _train_patch(patch: Sequence[int], stride: int) -> tuple[int, ...]:
+    """The contract's patch with z limited to ``TRAIN_Z_STRIDES`` strides."""
+    p = tuple(int(s) for s in patch)
+    return (min(p[0], TRAIN_Z_STRIDES * stride), *p[1:]) if len(p) == 3 else p
 
 
 def _patch_for(shape: Sequence[int], patch: Sequence[int], stride: int) -> tuple[int, ...]:
@@ -294,16 +372,27 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
              max_steps: int | None = None, mode: Literal["decoder", "full"] = "decoder", device: str = "auto",
              holdout_fraction: float = 0.2, seed: int = 0, out_dir: str | Path | None = None, name: str | None = None,
              progress: Callable[[float, str], None] | None = None, cancel: Cancel = None,
-             patch_size: Sequence[int] | None = None, batch_size: int = 2, lr: float = 3e-4,
+             patch_size: Sequence[int] | None = None, batch_size: int = 2, lr: float | None = None,
              weight_decay: float = 1e-4, eval_every: int = 10, patience: int = 3,
-             augment: AugmentConfig = INTENSITY_ONLY) -> FinetuneResult:
+             augment: AugmentConfig = INTENSITY_ONLY, new_labels: Sequence[str] = (),
+             new_label_colors: Sequence[str] | None = None) -> FinetuneResult:
     """Fine-tune ``model`` (registry name or spec; its shipped weights when it has them) on ``examples``.
 
-    Trains on patches (``patch_size``, default the contract's, never larger than the volume rounded up to the
-    network's stride) centred on the supervised axial slices that are not held back; the loss is CE + soft Dice
+    Trains on patches (``patch_size``, default the contract's with z limited to :data:`TRAIN_Z_STRIDES` times the
+    network's stride, never larger than the volume rounded up to the stride) centred on the supervised axial slices that are not held back; the loss is CE + soft Dice
     over supervised voxels only. Stops at ``budget_s`` seconds, ``max_steps`` steps, when ``cancel`` says so,
     or after ``patience`` evaluations (every ``eval_every`` steps) without a better held-back Dice; the best
-    state is kept. With ``out_dir``: writes ``<name>.safetensors`` and ``<name>.json`` (model card).
+    state is kept. With ``out_dir`` (a model store folder, see :mod:`.model_store`): writes ``<name>.safetensors``
+    and ``<name>.json`` (model card) there, owner-only.
+
+    ``new_labels`` adds classes the base never saw (few-shot new structure): the final classification layer
+    (see :func:`widen_head`) gets one output channel per new label, numbered after the base's classes (the
+    corrected label maps use ``num_classes``, ``num_classes + 1``, ... for them); existing classes' weights are
+    copied, new channels start from background's with a lower bias. The result's contract has the extended
+    ``label_names`` and ``label_colors`` (``new_label_colors``, or unused colours of :data:`NEW_LABEL_COLORS`),
+    and the card records ``new_labels``.
+
+    ``lr`` defaults to :data:`DEFAULT_LR` of the mode (1e-3 for 'decoder', 3e-4 for 'full').
     """
     if mode not in ("decoder", "full"):
         raise ValueError(f"mode must be 'decoder' or 'full', got {mode!r}")
@@ -311,10 +400,19 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     if not examples:
         raise ValueError("no correction examples given")
+    if lr is None:
+        lr = DEFAULT_LR[mode]
     t_start = time.perf_counter()
     check = cancel_check(cancel)
     spec, net, base_sha = _base(model)
     contract = spec.contract
+    head_name = None
+    if new_labels:
+        if isinstance(new_labels, str):
+            raise TypeError("new_labels must be a sequence of names, not a string")
+        base_classes = contract.num_classes
+        contract = _extend_contract(contract, new_labels, new_label_colors)
+        head_name = widen_head(net, base_classes, len(new_labels))
     stride = int(getattr(net, "stride", 1) or 1)
     prepared = [prepare_example(e, contract) for e in examples]
 
@@ -338,7 +436,7 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
         held.append((p, p.supervised & h[:, None, None]))
         train_masks.append(p.supervised & ~h[:, None, None])
     fingerprint = _fingerprint([PreparedExample(p.image, p.labels, m) for p, m in zip(prepared, train_masks)])
-    base_patch = tuple(int(s) for s in (patch_size or contract.patch_size))
+    base_patch = tuple(int(s) for s in (patch_size or _train_patch(contract.patch_size, stride)))
     if len(base_patch) != 3 or any(s % stride for s in base_patch):
         raise ValueError(f"patch size {base_patch} must have 3 axes divisible by the network's stride {stride}")
     eval_set = [(p, m) for p, m in held if m.any()]
@@ -444,19 +542,18 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
         "input_contract": {"patch_size": list(contract.patch_size), "target_spacing_zyx_mm": contract.target_spacing,
                            "orientation": contract.orientation, "normalization": contract.normalization},
         "labels": list(contract.label_names),
+        "label_colors": list(contract.label_colors),
         "intended_use": INTENDED_USE,
     }
+    if new_labels:
+        card["new_labels"] = list(contract.label_names[-len(new_labels):])
+        card["base_labels"] = list(spec.contract.label_names)
+        card["head"] = {"layer": head_name, "init": "existing classes copied; new classes = background channel "
+                        f"with bias - {NEW_CLASS_BIAS_OFFSET}"}
     result_weights = result_card = None
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        result_weights = save_weights(net, out / f"{new_name}.safetensors", {
-            "model_name": new_name, "base_model": spec.name, "base_weights_sha256": base_sha or "",
-            "data_fingerprint": fingerprint, "steps": step, "mode": mode, "intended_use": INTENDED_USE})
-        card["weights_file"] = result_weights.name
-        card["weights_sha256"] = sha256_file(result_weights)
-        result_card = out / f"{new_name}.json"
-        atomic_write(result_card, (json.dumps(card, indent=1) + "\n").encode())
+        stored = save_finetuned(net, card, new_name, store=out_dir)
+        card, result_weights, result_card = stored.card, stored.weights, stored.card_path
     frozen = copy.deepcopy(net)
     new_spec = ModelSpec(name=new_name, factory=lambda: copy.deepcopy(frozen), contract=contract,
                          description=f"{spec.name} fine-tuned on {len(examples)} corrected scan(s) ({mode}, {step} steps)",

@@ -10,11 +10,18 @@ __all__ = ["dice_ce_loss", "dice_per_class"]
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_mask: torch.Tensor | None = None,
-                 smooth: float = 1e-5, include_background: bool = False) -> torch.Tensor:
+                 smooth: float = 1e-5, include_background: bool = False,
+                 present: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy plus (1 - soft Dice), batch Dice over foreground classes (nnU-Net style).
 
     ``logits`` (B, C, *spatial), ``target`` (B, *spatial) integer labels, ``ignore_mask`` (B, *spatial)
     bool, True where no loss is computed (neither CE nor Dice sees those voxels). Computed in float32.
+
+    Partial labels: ``present`` (B, C) bool says which classes sample ``b`` has contoured. For a class that
+    was not contoured, the label 0 of that sample means "background or that class": the loss is *marginal*
+    (the probabilities of background and of every uncontoured class are summed before cross-entropy, and
+    Dice of a class only counts samples that contoured it), so an uncontoured organ is never taught as
+    background. With ``present`` None (or all True) this is the ordinary loss.
     """
     logits = logits.float()
     target = target.long()
@@ -23,18 +30,32 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_mask: torch.
     if n_valid == 0:
         return logits.sum() * 0.0
     safe_target = torch.where(valid, target, torch.zeros_like(target))
-    ce = F.cross_entropy(logits, safe_target, reduction="none")
+    n_cls = logits.shape[1]
+    spatial = [1] * (logits.dim() - 2)
+    log_probs = torch.log_softmax(logits, dim=1)
+    if present is None:
+        present_b = torch.ones(logits.shape[0], n_cls, dtype=torch.bool, device=logits.device)
+    else:
+        present_b = present.to(device=logits.device, dtype=torch.bool).clone()
+        present_b[:, 0] = True
+    bg_members = ~present_b
+    bg_members[:, 0] = True  # background and every class this sample did not contour
+    bg_terms = log_probs.masked_fill(~bg_members.view(-1, n_cls, *spatial), float("-inf"))
+    log_bg = torch.logsumexp(bg_terms, dim=1)
+    log_p_target = log_probs.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+    ce = -torch.where(safe_target == 0, log_bg, log_p_target)
     ce = (ce * valid).sum() / n_valid
-    probs = torch.softmax(logits, dim=1)
-    onehot = F.one_hot(safe_target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
-    w = valid.unsqueeze(1).to(probs.dtype)
+    probs = log_probs.exp()
+    onehot = F.one_hot(safe_target, n_cls).movedim(-1, 1).to(probs.dtype)
+    w = valid.unsqueeze(1).to(probs.dtype) * present_b.to(probs.dtype).view(-1, n_cls, *spatial)
     dims = [0] + list(range(2, logits.dim()))
     inter = (probs * onehot * w).sum(dims)
     denom = ((probs + onehot) * w).sum(dims)
     dice = (2 * inter + smooth) / (denom + smooth).clamp_min(1e-8)
+    counted = present_b.any(0)
     if not include_background:
-        dice = dice[1:]
-    return ce + (1.0 - dice.mean())
+        dice, counted = dice[1:], counted[1:]
+    return ce + (1.0 - dice[counted].mean())
 
 
 def dice_per_class(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:

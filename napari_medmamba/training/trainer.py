@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -103,21 +104,28 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, cases: CachedCases, num_classes: int, device: torch.device,
-             amp: str = "bf16", multiple: int = 8) -> np.ndarray:
-    """Per-case, per-foreground-class Dice (n_cases, num_classes - 1): each whole volume zero-padded at
-    the end to a multiple of ``multiple``, one forward pass, argmax."""
+             amp: str = "bf16", multiple: int = 8, spatial_dims: int = 3) -> np.ndarray:
+    """Per-case, per-foreground-class Dice (n_cases, num_classes - 1): each whole volume (2D models: each
+    axial slice, all slices as one batch) zero-padded at the end to a multiple of ``multiple``, one forward
+    pass, argmax. NaN where a case did not contour the class."""
     model.eval()
     out = []
     for image, label in zip(cases.images, cases.labels):
         shape = image.shape
         pad = [(-s) % multiple for s in shape]
         x = torch.from_numpy(image.astype(np.float32))[None, None].to(device)
-        x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))
+        x = F.pad(x, (0, pad[2], 0, pad[1], 0, 0 if spatial_dims == 2 else pad[0]))
+        if spatial_dims == 2:
+            x = x[0].transpose(0, 1)  # (Z, 1, Y, X): slices as a batch
         with _autocast(device, amp):
             logits = model(x)
+        if spatial_dims == 2:
+            logits = logits.transpose(0, 1)[None]
         pred = logits[0, :, : shape[0], : shape[1], : shape[2]].float().argmax(0).cpu().numpy()
         out.append(dice_per_class(pred, label, num_classes))
-    return np.stack(out)
+    dice = np.stack(out)
+    dice[~cases.present_mask(num_classes)[:, 1:]] = np.nan  # an organ a case did not contour is not scored
+    return dice
 
 
 def _summary(dice: np.ndarray, names: Sequence[str], seed: int) -> dict:
@@ -161,11 +169,12 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
           lr: float = 2e-3, weight_decay: float = 3e-5, seed: int = 0, device: str = "auto", amp: str = "bf16",
           resume: bool = True, checkpoint_every_s: float = 60.0, log: Callable[[str], Any] = print,
           patch_size: Sequence[int] | None = None, max_steps: int | None = None, log_every_s: float = 10.0,
-          augment: AugmentConfig = AugmentConfig()) -> dict:
+          augment: AugmentConfig = AugmentConfig(), init_weights: str | Path | None = None) -> dict:
     """Train ``model_name`` on the cache's training cases for ``budget_s`` seconds (or ``max_steps``).
 
     Validation cases come from ``val_ids``, else from the ``split`` JSON (default: the shipped MSD
-    hippocampus split); they are never trained on. Writes ``checkpoint.pt`` (resumed when present and
+    hippocampus split); they are never trained on. ``init_weights`` (safetensors of the same architecture)
+    starts from those weights instead of a fresh initialisation (a warm restart: new optimiser). Writes ``checkpoint.pt`` (resumed when present and
     ``resume``), ``weights.safetensors`` (fp16) and ``model_card.json`` to ``out_dir``; returns the card.
     """
     out = Path(out_dir)
@@ -174,14 +183,26 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
     spec = get_model_spec(model_name)
     contract = spec.contract
     patch = tuple(patch_size or contract.patch_size)
+    two_d = contract.spatial_dims == 2
+    if two_d:  # 2D models train on single axial slices, rotated in-plane only
+        patch = (1, *patch[-2:])
+        augment = dataclasses.replace(augment, in_plane_only=True)
     cases = CachedCases.load(cache_npz)
     train_ids, val = _train_val_ids(cases, val_ids, split)
     train_set, val_set = cases.subset(train_ids), cases.subset(val)
     sampler = PatchSampler(train_set.images, train_set.labels, patch)
+    present = torch.from_numpy(train_set.present_mask(contract.num_classes))
+    partial = not bool(present.all())
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = build_model(model_name).to(dev)
+    model = build_model(model_name)
+    if init_weights is not None:
+        from ..models.checkpoints import load_checkpoint
+
+        model = load_checkpoint(init_weights, model=model).float()
+        log(f"initialised from {Path(init_weights).name}")
+    model = model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     step, elapsed, resumed_from = 0, 0.0, None
     ckpt_path = out / "checkpoint.pt"
@@ -211,17 +232,19 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
     last_log = last_ckpt = time.perf_counter()
     steps_at_log = step
     while (max_steps is None or step < max_steps) and (max_steps is not None or elapsed < budget_s):
-        xb, yb = sampler.sample(batch_size, rng)
+        xb, yb, case_idx = sampler.sample_with_cases(batch_size, rng)
         x = torch.from_numpy(xb).to(dev, non_blocking=True)
         y = torch.from_numpy(yb).to(dev, non_blocking=True)
         x, y, _ = augment_batch(x, y, rng, augment)
+        if two_d:
+            x, y = x[:, :, 0], y[:, 0]
         for g in opt.param_groups:
             g["lr"] = lr * _lr_factor(step, elapsed, budget_s, max_steps)
         first = step == (resumed_from or 0)
         try:
             with _autocast(dev, amp_now):
                 logits = model(x)
-            loss = dice_ce_loss(logits, y)
+            loss = dice_ce_loss(logits, y, present=present[case_idx].to(dev) if partial else None)
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(loss))
             if finite:
@@ -258,21 +281,24 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
     checkpoint()
     log(f"training done: {step} steps, {elapsed:.0f} s; validating on {len(val)} cases")
 
-    dice = evaluate(model, val_set, contract.num_classes, dev, amp_now)
+    dice = evaluate(model, val_set, contract.num_classes, dev, amp_now,
+                    multiple=int(getattr(model, "stride", 8) or 8), spatial_dims=contract.spatial_dims)
     summary = _summary(dice, contract.label_names, seed)
     fp16 = copy.deepcopy(model).cpu().half()
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     weights = save_weights(fp16, out / "weights.safetensors", {
         "model_name": model_name, "steps": step, "train_seconds": round(elapsed, 1), "seed": seed,
         "val_dice": {k: v["mean"] for k, v in summary["per_class"].items()},
-        "data_licence": "CC BY-SA 4.0", "dtype": "float16"})
+        "data_licence": cases.meta.get("licence") or "CC BY-SA 4.0", "dtype": "float16"})
     card = {
         "model_name": model_name, "architecture": type(model).__name__,
         "architecture_config": getattr(model, "arch_config", None), "description": spec.description,
         "parameters": int(sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())),
         "weights_file": weights.name, "weights_sha256": _sha256(weights), "weights_dtype": "float16",
         "training_data": {"name": cases.meta.get("source") or "MSD Task04 Hippocampus",
-                          "licence": cases.meta.get("licence") or "CC BY-SA 4.0", "citation": CITATIONS,
+                          "licence": cases.meta.get("licence") or "CC BY-SA 4.0",
+                          "citation": cases.meta.get("citation") or CITATIONS,
+                          "partial_labels": partial,
                           "train_cases": len(train_ids), "val_cases": val},
         "input_contract": {"spatial_dims": contract.spatial_dims, "in_channels": contract.in_channels,
                            "patch_size": list(contract.patch_size), "target_spacing_zyx_mm": contract.target_spacing,
@@ -284,9 +310,12 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
         "training": {"steps": step, "seconds": round(elapsed, 1), "device": device_name, "amp": amp_now if dev.type == "cuda" else "none",
                      "batch_size": batch_size, "patch_size": list(patch), "optimizer": "AdamW",
                      "lr": lr, "weight_decay": weight_decay, "schedule": f"linear warm-up {WARMUP_STEPS} steps, "
-                     "poly(0.9) over the time budget", "loss": "cross-entropy + soft Dice (foreground, batch)",
+                     "poly(0.9) over the time budget", "loss": "cross-entropy + soft Dice (foreground, batch)"
+                     + ("; partial labels: marginal (uncontoured organs merged into background, not taught as it)"
+                        if partial else ""),
                      "augmentation": {k: v for k, v in vars(augment).items()}, "seed": seed,
                      "non_finite_steps_skipped": skipped, "ssm_backend": resolve_backend(dev), "resumed_from_step": resumed_from,
+                     "initialised_from": None if init_weights is None else Path(init_weights).name,
                      "torch": torch.__version__},
         "intended_use": "Research only. Not a medical device; not for clinical decisions.",
     }
@@ -312,11 +341,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--checkpoint-every-s", type=float, default=60.0)
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--patch-size", type=int, nargs=3, default=None)
+    p.add_argument("--patch-size", type=int, nargs="+", default=None)
+    p.add_argument("--init-weights", default=None, help="safetensors to start from (warm restart)")
     a = p.parse_args(argv)
     card = train(a.model, a.cache, a.out, budget_s=a.budget_s, split=a.split, batch_size=a.batch_size, lr=a.lr,
                  weight_decay=a.weight_decay, seed=a.seed, device=a.device, amp=a.amp, resume=not a.no_resume,
                  checkpoint_every_s=a.checkpoint_every_s, max_steps=a.max_steps, patch_size=a.patch_size,
+                 init_weights=a.init_weights,
                  log=lambda s: print(s, flush=True))
     print(json.dumps(card["validation_dice"]["per_class"]), flush=True)
     return 0

@@ -1,4 +1,4 @@
-"""Export dock widget: label map on the source grid, DICOM-SEG, volumes CSV, meshes, summary JSON.
+"""Export dock widget: label map on the source grid, DICOM-SEG, RTSTRUCT, volumes CSV, meshes, summary JSON.
 
 Exports run in a worker thread on a copy of the labels (painting can go on meanwhile).
 A failing format is reported in a napari notification; the others are still written and
@@ -34,7 +34,11 @@ from ._common import layer_volume, notify, refill_layer_combo, session_for
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["ExportWidget", "FORMATS", "run_exports"]
+__all__ = ["ExportWidget", "FORMATS", "DICOM_FORMATS", "run_exports"]
+
+DICOM_FORMATS = ("dicom_seg", "rtstruct")
+"""Formats that need a scan read from a DICOM series (their checkboxes are disabled otherwise)."""
+
 
 class ExportWidget(QWidget):
     """Dock widget: folder + formats -> Export; a table of label volumes in mL."""
@@ -124,14 +128,17 @@ class ExportWidget(QWidget):
                 is_dicom = layer_volume(layer).dicom is not None
             except ValueError:
                 is_dicom = False
-        check = self.checks["dicom_seg"]
-        check.setEnabled(is_dicom)
+        for key in DICOM_FORMATS:
+            check = self.checks[key]
+            check.setEnabled(is_dicom)
+            if not is_dicom:
+                check.setChecked(False)
         if not is_dicom:
-            check.setChecked(False)
-            self.dicom_note.setText("DICOM-SEG needs labels of a scan opened from a DICOM series; "
+            self.dicom_note.setText("DICOM-SEG and RTSTRUCT need labels of a scan opened from a DICOM series; "
                                     "this scan was not, so export NIfTI/NRRD/MHA instead.")
         else:
-            self.dicom_note.setText("DICOM-SEG references the source DICOM series.")
+            self.dicom_note.setText("DICOM-SEG and RTSTRUCT reference the source DICOM series "
+                                    "(RTSTRUCT: contours for treatment planning).")
         self.refresh_table()
 
     def _browse(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,7 +37,19 @@ from ._common import SESSIONS, LayerSession, StallMonitor, label_colormap, layer
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["SegmentWidget", "model_summary"]
+__all__ = ["SegmentWidget", "model_summary", "refresh_segment_models"]
+
+LIVE_WIDGETS: weakref.WeakSet[SegmentWidget] = weakref.WeakSet()
+"""Open Segment widgets (the Fine-tune widget refreshes their model lists)."""
+
+
+def refresh_segment_models(select: str | None = None) -> None:
+    """Refill the model list of every open Segment widget; select ``select`` when given."""
+    for widget in list(LIVE_WIDGETS):
+        try:
+            widget.refresh_models(select)
+        except RuntimeError:  # the Qt object is already deleted
+            LIVE_WIDGETS.discard(widget)
 
 DEVICES = {"Auto (GPU if available)": "auto", "CPU": "cpu", "GPU (CUDA)": "cuda"}
 MODES = {"Accurate": "accurate", "Fast (coarser grid, less overlap)": "fast"}
@@ -55,6 +68,12 @@ def model_summary(name: str) -> str:
     labels = ", ".join(n for n in c.label_names[1:]) or "none"
     modality = "any modality" if c.modality == "any" else c.modality
     weights = "trained weights" if spec.weights else "no trained weights yet"
+    if spec.card.get("finetuned"):
+        weights = f"fine-tuned from {spec.card.get('base_model', '?')} on your corrections"
+        after = (spec.card.get("dice_after") or {}).get("mean")
+        before = (spec.card.get("dice_before") or {}).get("mean")
+        if after is not None and before is not None:
+            weights += f" (held-back Dice {before:.2f} → {after:.2f})"
     dice = spec.card.get("validation_dice", {}).get("mean_foreground", {}).get("mean")
     if dice is not None:
         weights += f" (validation Dice {dice:.2f})"
@@ -93,6 +112,7 @@ class SegmentWidget(QWidget):
         self.image_combo = QComboBox()
         self.image_combo.setToolTip("The 3D scan to segment (Image layers)")
         self.model_combo = QComboBox()
+        _register_stored_models()
         for name in list_models():
             self.model_combo.addItem(name)
         default = default_model_name()
@@ -151,6 +171,20 @@ class SegmentWidget(QWidget):
         events.inserted.connect(self._refresh_images)
         events.removed.connect(self._refresh_images)
         self._refresh_images()
+        self._update_card(self.model_combo.currentText())
+        LIVE_WIDGETS.add(self)
+
+    def refresh_models(self, select: str | None = None) -> None:
+        """Refill the model list (fine-tuned models come and go); keep the choice, or select ``select``."""
+        names = list_models()
+        current = self.model_combo.currentText()
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        self.model_combo.addItems(names)
+        choice = select if select in names else current if current in names else default_model_name()
+        if choice in names:
+            self.model_combo.setCurrentText(choice)
+        self.model_combo.blockSignals(False)
         self._update_card(self.model_combo.currentText())
 
     # ---- pickers -----------------------------------------------------------------
@@ -333,6 +367,16 @@ class SegmentWidget(QWidget):
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
         self.cancel()
         super().closeEvent(event)
+
+
+def _register_stored_models() -> None:
+    """Make the user's fine-tuned models (see :mod:`napari_medmamba.training.model_store`) selectable."""
+    try:
+        from ...training.model_store import register_stored
+
+        register_stored()
+    except Exception as exc:  # a broken store must not keep the widget from opening
+        notify("warning", f"Fine-tuned models could not be loaded: {exc}")
 
 
 COLORMAP_READY = threading.Event()

@@ -1,0 +1,178 @@
+"""LightM-UNet speed and memory on a GPU (issue #12): the six cases of the issue plus a per-stage profile.
+
+    python benchmarks/model.py                    # all cases on cuda, markdown table on stdout
+    python benchmarks/model.py --cases infer3d --profile --json out.json
+
+Cases (as the issue measured the official code): 3D 128^3 inference batch 1 (fp32 and bf16 autocast),
+3D 128^3 and 96^3 training steps batch 2 (AdamW, bf16 autocast, loss = CE + soft Dice), 2D 512^2 inference
+batch 1, 2D 512^2 training batch 12. Time: median of ``--repeat`` runs after ``--warmup`` (CUDA-synchronised);
+memory: ``torch.cuda.max_memory_allocated`` for that case alone. ``--profile`` adds the forward time of each
+top-level stage (convInit, each encoder stage, each decoder stage, head) measured with CUDA events.
+Works on CPU too (``--device cpu``, slow: use ``--cases infer3d --size 64``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from napari_medmamba.models.lightm_unet import LightMUNet  # noqa: E402
+from napari_medmamba.ssm.dispatch import resolve_backend  # noqa: E402
+from napari_medmamba.training.losses import dice_ce_loss  # noqa: E402
+
+CASES = ("infer3d", "infer3d_bf16", "train3d_128", "train3d_96", "infer2d", "train2d")
+
+
+def _net(spatial_dims: int, device: torch.device) -> torch.nn.Module:
+    return LightMUNet(spatial_dims=spatial_dims, init_filters=32, in_channels=1, out_channels=3,
+                      blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1)).to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, warmup: int, repeat: int) -> tuple[float, float]:
+    """(median ms, peak MiB) of ``fn``."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def run_case(case: str, device: torch.device, size3d: int, size2d: int, warmup: int, repeat: int) -> dict:
+    dims = 2 if "2d" in case else 3
+    net = _net(dims, device)
+    bf16 = case != "infer3d"
+    train = case.startswith("train")
+    if case == "train3d_96":
+        shape, batch = (96,) * 3, 2
+    elif dims == 3:
+        shape, batch = (size3d,) * 3, 2 if train else 1
+    else:
+        shape, batch = (size2d,) * 2, 12 if train else 1
+    x = torch.randn(batch, 1, *shape, device=device)
+    if not train:
+        net.eval()
+
+        def step():
+            with torch.inference_mode(), _autocast(device, bf16):
+                net(x)
+    else:
+        net.train()
+        y = torch.randint(0, 3, (batch, *shape), device=device)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+        def step():
+            with _autocast(device, bf16):
+                logits = net(x)
+            loss = dice_ce_loss(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    ms, peak = _timed(step, device, warmup, repeat)
+    return {"case": case, "shape": list(shape), "batch": batch, "precision": "bf16 autocast" if bf16 else "fp32",
+            "ms": round(ms, 2), "peak_mib": round(peak, 1)}
+
+
+def profile_stages(device: torch.device, size3d: int, bf16: bool, repeat: int = 5) -> list[dict]:
+    """Forward ms of each top-level stage of the 3D net at size3d^3, batch 1 (CUDA events / perf_counter)."""
+    net = _net(3, device).eval()
+    x = torch.randn(1, 1, *(size3d,) * 3, device=device)
+    stages = [("convInit", net.convInit)] + [(f"encoder{i}", m) for i, m in enumerate(net.down_layers)] \
+        + [(f"up_sample{i}", m) for i, m in enumerate(net.up_samples)] \
+        + [(f"decoder{i}", m) for i, m in enumerate(net.up_layers)] + [("head", net.conv_final)]
+    acc: dict[str, list[float]] = {n: [] for n, _ in stages}
+    starts: dict[str, float] = {}
+    hooks = []
+    for name, mod in stages:
+        def pre(_m, _i, name=name):
+            _sync(device)
+            starts[name] = time.perf_counter()
+
+        def post(_m, _i, _o, name=name):
+            _sync(device)
+            acc[name].append((time.perf_counter() - starts[name]) * 1e3)
+        hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    with torch.inference_mode(), _autocast(device, bf16):
+        net(x)
+        for v in acc.values():
+            v.clear()
+        for _ in range(repeat):
+            net(x)
+    for h in hooks:
+        h.remove()
+    total = sum(statistics.median(v) for v in acc.values())
+    return [{"stage": n, "ms": round(statistics.median(v), 2), "share": round(statistics.median(v) / total, 3)}
+            for n, v in acc.items()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES)
+    p.add_argument("--size", type=int, default=128, help="3D edge (default: %(default)s)")
+    p.add_argument("--size2d", type=int, default=512)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--profile", action="store_true", help="also time each stage of the 3D forward")
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rows = []
+    for case in a.cases:
+        try:
+            rows.append(run_case(case, device, a.size, a.size2d, a.warmup, a.repeat))
+        except torch.OutOfMemoryError as e:
+            rows.append({"case": case, "error": f"out of memory: {str(e)[:120]}"})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"device {name}, torch {torch.__version__}, scan backend {resolve_backend(device)}")
+    print("| case | shape x batch | precision | ms | peak MiB |\n|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['case']} | | | {r['error']} | |")
+        else:
+            print(f"| {r['case']} | {'x'.join(map(str, r['shape']))} x {r['batch']} | {r['precision']} | "
+                  f"{r['ms']:.1f} | {r['peak_mib']:.0f} |")
+    out = {"device": name, "torch": torch.__version__, "backend": resolve_backend(device), "cases": rows}
+    if a.profile:
+        out["stages"] = profile_stages(device, a.size, bf16=True)
+        print("\n| stage (3D forward, bf16) | ms | share |\n|---|---|---|")
+        for s in out["stages"]:
+            print(f"| {s['stage']} | {s['ms']:.2f} | {100 * s['share']:.0f}% |")
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
