@@ -64,6 +64,15 @@ def _is_local_unix(sock: Any) -> bool:
     return family is not None and family == getattr(socket, "AF_UNIX", object())
 
 
+_LOOPBACK = {"127.0.0.1", "::1"}
+
+
+def _is_loopback_bind(name: str, args: tuple) -> bool:
+    """``bind`` to the loopback address: nothing can reach it from, or send through it to, another machine
+    (urllib3 probes IPv6 support this way when it is imported)."""
+    return name == "bind" and bool(args) and isinstance(args[0], tuple) and args[0][:1] and args[0][0] in _LOOPBACK
+
+
 @contextmanager
 def no_network(allow_unix_sockets: bool = True) -> Iterator[NetworkGuard]:
     """Block (and count) host name lookups and socket connections in this process.
@@ -71,7 +80,9 @@ def no_network(allow_unix_sockets: bool = True) -> Iterator[NetworkGuard]:
     Patches ``socket.socket.connect``/``connect_ex``/``sendto``/``bind``,
     ``socket.create_connection``, ``socket.getaddrinfo``, ``socket.gethostbyname`` and
     ``socket.gethostbyname_ex``. Unix-domain sockets (local inter-process
-    communication, no network) are allowed unless ``allow_unix_sockets`` is False.
+    communication, no network) are allowed unless ``allow_unix_sockets`` is False; so is
+    binding to the loopback address (127.0.0.1 / ::1), which cannot reach another machine.
+    Connecting anywhere, loopback included, is refused.
     Yields a :class:`NetworkGuard` whose ``attempts`` lists what was refused.
     """
     guard = NetworkGuard()
@@ -85,7 +96,7 @@ def no_network(allow_unix_sockets: bool = True) -> Iterator[NetworkGuard]:
         original = getattr(socket.socket, name)
 
         def guarded(self: socket.socket, *args: Any, **kwargs: Any) -> Any:
-            if allow_unix_sockets and _is_local_unix(self):
+            if (allow_unix_sockets and _is_local_unix(self)) or _is_loopback_bind(name, args):
                 return original(self, *args, **kwargs)
             guard._refuse(f"socket.{name}{args!r}")
 

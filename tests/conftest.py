@@ -52,3 +52,14 @@ def openkbp(shared_data: Path) -> Path:
 def dicom_series_labels(totalseg: Path) -> Path:
     """TotalSegmentator's label map of the DICOM series (NIfTI; same voxels, y axis flipped)."""
     return _require(totalseg / "example_seg_dicom.nii.gz")
+
+
+@pytest.fixture()
+def network_blocked():
+    """Run the test with every network call refused (napari_medmamba.privacy.no_network) and fail if any
+    connection was attempted (local Unix sockets, e.g. the X server, stay allowed)."""
+    from napari_medmamba.privacy import no_network
+
+    with no_network() as guard:
+        yield guard
+    assert guard.attempts == [], guard.attempts

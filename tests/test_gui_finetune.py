@@ -129,6 +129,7 @@ def test_no_review_gives_a_clear_message(setup, _env: Path) -> None:
     assert list_finetuned(_env) == []
 
 
+@pytest.mark.usefixtures("network_blocked")  # the GUI flow makes no network attempt (#14)
 def test_finetune_saves_selects_reruns_reverts_and_clears(setup, qtbot, _env: Path) -> None:
     viewer, seg, review, ft, labels = setup
     corrected = _correct_and_review(viewer, review, labels)

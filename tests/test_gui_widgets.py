@@ -102,6 +102,7 @@ def _segment(qtbot, widget, model: str, timeout: int = 30_000):
     qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
 
 
+@pytest.mark.usefixtures("network_blocked")  # the GUI flow makes no network attempt (#14)
 def test_segment_review_export(make_napari_viewer, qtbot, dicom_series: Path, tmp_path: Path) -> None:
     from napari.layers import Image, Labels
 

@@ -51,7 +51,13 @@ def test_guard_blocks_and_counts_every_kind_of_attempt() -> None:
 
         with pytest.raises(OSError, match="blocked by napari_medmamba.privacy.no_network"):
             urllib.request.urlopen("http://192.0.2.1/", timeout=0.1)  # urllib wraps it in URLError
-    assert len(guard.attempts) == 5
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s, pytest.raises(NetworkBlockedError):
+            s.bind(("0.0.0.0", 0))  # every interface: refused
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))  # loopback only (urllib3's IPv6 probe does this): allowed, not counted
+            with pytest.raises(NetworkBlockedError):
+                s.connect(("127.0.0.1", 9))  # but connecting, even locally, is refused
+    assert len(guard.attempts) == 7
     assert socket.socket.connect.__qualname__ != "no_network.<locals>.method.<locals>.guarded"  # restored
 
 
@@ -101,10 +107,32 @@ def test_whole_flow_makes_no_network_attempt(dicom_series: Path, tmp_path: Path,
                                            edit_log=history.edit_log))
         written.append(export_dicom_seg(labels, ct, names, colors, out / "seg.dcm", edit_log=history.edit_log))
         written.append(export_dicom_seg(labels, ct, names, colors, out / "seg_anon.dcm", deidentify=True))
+        from napari_medmamba.export import export_rtstruct
+
+        written.append(export_rtstruct(labels, ct, out / "rt.dcm", names, colors, edit_log=history.edit_log))
+        written.append(history.edit_log.save(out / "edits.npz"))
         session.clear()
+
+        # fine-tune on the corrected crop, save to the model store, use the new model by name
+        from napari_medmamba.annotation.edit_log import EditLog
+        from napari_medmamba.training.finetune import CorrectionExample, finetune
+        from napari_medmamba.training.model_store import clear_finetuned, list_finetuned
+
+        crop_labels = labels[:, 224:288, 224:288].astype(np.int64)
+        crop_labels[6:9, 20:30, 20:30] = 1  # a correction
+        log = EditLog(crop.shape)
+        for z in (4, 7, 10, 13):
+            log.accept_slice(0, z)
+        store = tmp_path / "models"
+        ft = finetune(name, [CorrectionExample(crop, crop_labels, log)], max_steps=2, device="cpu",
+                      patch_size=(8, 32, 32), out_dir=store, name="ct-crop-ft")
+        again = segment(crop, (ft.model, ft.spec.contract, ft.spec.name), device="cpu", mode="fast",
+                        return_probabilities=False)
+        assert again.labels.shape == crop.shape
+        assert [m.name for m in list_finetuned(store)] == ["ct-crop-ft"] and clear_finetuned(store) == 1
     assert guard.attempts == [], guard.attempts
     assert all(p.is_file() and p.stat().st_size > 0 for p in written)
-    assert len(written) >= 6 + 1 + 4 + 1 + 2
+    assert len(written) >= 6 + 1 + 4 + 1 + 2 + 2
     assert not session.path.exists()
 
 

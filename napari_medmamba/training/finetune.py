@@ -381,7 +381,8 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
     Trains on patches (``patch_size``, default the contract's with z limited to :data:`TRAIN_Z_STRIDES` times the
     network's stride, never larger than the volume rounded up to the stride) centred on the supervised axial slices that are not held back; the loss is CE + soft Dice
     over supervised voxels only. Stops at ``budget_s`` seconds, ``max_steps`` steps, when ``cancel`` says so,
-    or after ``patience`` evaluations (every ``eval_every`` steps) without a better held-back Dice; the best
+    or after ``patience`` evaluations (every ``eval_every`` steps) without a better held-back Dice (not counted
+    while a new class is still never predicted on the held-back slices); the best
     state is kept. With ``out_dir`` (a model store folder, see :mod:`.model_store`): writes ``<name>.safetensors``
     and ``<name>.json`` (model card) there, owner-only.
 
@@ -501,10 +502,11 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
         if eval_set and (step % eval_every == 0 or step == max_steps):
             d = _dice(net, eval_set, contract, eval_patch, stride, dev, names)
             entry["heldout_dice"] = d["mean"]
+            learning_new = bool(new_labels) and all(not d.get(str(n), 0.0) for n in new_labels)
             if _score(d) > best_score:
                 best_score, best_step, dice_best, bad_evals = _score(d), step, d, 0
                 best_state = copy.deepcopy(net.state_dict())
-            else:
+            elif not learning_new:  # a new class that is not predicted yet: keep going (budget / max_steps)
                 bad_evals += 1
         history.append(entry)
         frac = max(step / max_steps if max_steps else 0.0, (time.perf_counter() - t_start) / max(budget_s, 1e-9))

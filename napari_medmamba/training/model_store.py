@@ -132,8 +132,12 @@ def load_finetuned(name: str, store: str | PathLike[str] | None = None, register
         raise CheckpointError(entry.weights, f"sha256 {actual} does not match its card's {entry.card.get('weights_sha256')}")
     weights = entry.weights
 
+    widened = bool(entry.card.get("new_labels"))
+
     def factory():
-        return load_checkpoint(weights)  # architecture and config from the file's metadata (a widened head too)
+        if widened:  # a widened head: architecture and config come from the file's own metadata
+            return load_checkpoint(weights)
+        return load_checkpoint(weights, name=base.name)
 
     factory()  # fail now (wrong architecture, missing keys) rather than at the first segmentation
     contract = base.contract
