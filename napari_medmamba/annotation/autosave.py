@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import os
-import sys
 import threading
 import time
 import warnings
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic_write import atomic_write, remove_stale_temp_files
+from ..user_dirs import user_folder
 from .edit_log import EditLog, EditLogError
 from .history import LabelHistory
 
@@ -65,17 +65,7 @@ class AutosaveError(OSError):
 
 def default_autosave_root() -> Path:
     """The per-user autosave folder (``$MEDMAMBA_AUTOSAVE_DIR`` overrides it)."""
-    override = os.environ.get(AUTOSAVE_ENV)
-    if override:
-        return Path(override).expanduser()
-    home = Path.home()
-    if sys.platform.startswith("win"):
-        base = Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = home / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
-    return base / "napari-medmamba" / "autosave"
+    return user_folder("cache", "autosave", AUTOSAVE_ENV)
 
 
 def _key_text(volume_key: str | PathLike[str]) -> str:

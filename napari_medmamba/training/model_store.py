@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -21,6 +20,7 @@ from ..atomic_write import atomic_write
 from ..models.checkpoints import CheckpointError, load_checkpoint, save_weights
 from ..models.registry import REGISTRY, ModelSpec, get_model_spec, register
 from ..models.shipped import sha256_file
+from ..user_dirs import user_folder
 
 __all__ = ["MODELS_ENV", "StoredModel", "default_model_store", "save_finetuned", "list_finetuned", "load_finetuned",
            "register_stored", "remove_finetuned", "clear_finetuned"]
@@ -45,17 +45,7 @@ class StoredModel:
 
 def default_model_store() -> Path:
     """The per-user folder of fine-tuned models (``$MEDMAMBA_MODELS_DIR`` overrides it)."""
-    override = os.environ.get(MODELS_ENV)
-    if override:
-        return Path(override).expanduser()
-    home = Path.home()
-    if sys.platform.startswith("win"):
-        base = Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = home / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
-    return base / "napari-medmamba" / "finetuned"
+    return user_folder("data", "finetuned", MODELS_ENV)
 
 
 def _folder(store: str | PathLike[str] | None, create: bool = False) -> Path:

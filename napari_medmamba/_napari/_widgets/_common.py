@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import QElapsedTimer, QObject, QTimer
+from qtpy.QtCore import QElapsedTimer, QObject, QTimer, Signal
 
 from ...io import Geometry, Volume
 from .._layers import METADATA_KEY, geometry_from_attributes
@@ -204,3 +204,9 @@ class StallMonitor(QObject):
         if not self.gaps_ms:
             return 0.0
         return max(0.0, max(self.gaps_ms) - self.interval_ms)
+
+
+class ProgressBridge(QObject):
+    """Carries (fraction, stage) progress from a worker thread to the UI thread (queued connection)."""
+
+    progress = Signal(float, str)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -38,7 +38,7 @@ from ...annotation import EditLog
 from ...inference import SegmentationCancelled, segment
 from ...models import get_model_spec, list_models
 from .._layers import METADATA_KEY
-from ._common import layer_volume, notify, refill_layer_combo, session_for
+from ._common import ProgressBridge, layer_volume, notify, refill_layer_combo, session_for
 from .segment import refresh_segment_models
 
 if TYPE_CHECKING:
@@ -105,10 +105,6 @@ def _import_dynamo_without_triton() -> None:
             del sys.modules["triton"]
 
 
-class _Bridge(QObject):
-    progress = Signal(float, str)
-
-
 class FinetuneWidget(QWidget):
     """Dock widget: scan + corrected labels + model -> fine-tune (progress, Cancel) -> new model, re-segmented."""
 
@@ -129,7 +125,7 @@ class FinetuneWidget(QWidget):
         self.new_name: str | None = None
         self._confirm: Callable[[str], bool] = self._ask
         self._seen: tuple[int, int] | None = None
-        self._bridge = _Bridge()
+        self._bridge = ProgressBridge()
         self._bridge.progress.connect(self._on_progress)
 
         intro = QLabel(EXPLANATION)

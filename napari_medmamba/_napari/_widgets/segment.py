@@ -15,7 +15,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -32,7 +32,7 @@ from ...inference import SegmentationCancelled, SegmentationInputError, Segmenta
 from ...io import Volume
 from ...models import default_model_name, get_model_spec, list_models
 from .._layers import METADATA_KEY, geometry_kwargs, labels_layer_data, volume_metadata
-from ._common import SESSIONS, LayerSession, StallMonitor, label_colormap, layer_volume, notify, refill_layer_combo
+from ._common import ProgressBridge, SESSIONS, LayerSession, StallMonitor, label_colormap, layer_volume, notify, refill_layer_combo
 
 if TYPE_CHECKING:
     import napari
@@ -80,12 +80,6 @@ def model_summary(name: str) -> str:
     return f"{modality} · {c.spatial_dims}D · labels: {labels} · {weights}"
 
 
-class _Bridge(QObject):
-    """Carries progress from the worker thread to the UI thread (queued connection)."""
-
-    progress = Signal(float, str)
-
-
 class SegmentWidget(QWidget):
     """Dock widget: scan + model + device + mode -> Run (progress, Cancel) -> Labels layer."""
 
@@ -106,7 +100,7 @@ class SegmentWidget(QWidget):
         """Seconds the UI thread spent adding the result layers (napari/vispy layer creation)."""
         self.cancel_latency_s: float | None = None
         self.colormap_ready = warm_label_colormap()
-        self._bridge = _Bridge()
+        self._bridge = ProgressBridge()
         self._bridge.progress.connect(self._on_progress)
 
         self.image_combo = QComboBox()
