@@ -57,3 +57,11 @@ def test_blending_is_exact_for_a_pointwise_predictor(shape: tuple[int, int, int]
 def test_overlap_out_of_range_is_rejected() -> None:
     with pytest.raises(ValueError):
         sliding_window(torch.zeros(1, 4, 4, 4), _pointwise, lambda: 1, (4, 4, 4), 1.0, 3)
+
+
+def test_tile_for_caps_the_patch_to_the_volume() -> None:
+    from napari_medmamba.inference.sliding_window import tile_for
+
+    assert tile_for((36, 33, 32), (64, 128, 128), 8) == (40, 40, 32)  # rounded up to the stride, not padded to 128
+    assert tile_for((200, 300, 300), (64, 128, 128), 8) == (64, 128, 128)  # large volumes: the patch
+    assert tile_for((3, 5, 9), (64, 128, 128), 8) == (16, 16, 16)  # never under two strides

@@ -25,7 +25,7 @@ from .errors import SegmentationCancelled, SegmentationInputError
 from .planner import ACTIVATION_BYTES_PER_VOXEL, TilePredictor, choose_device, free_memory_bytes, physical_cores, plan_batch_size
 from .postprocessing import Postprocess, apply_postprocess
 from .preprocessing import normalize, plan_orientation, resample_linear, working_shape
-from .sliding_window import sliding_window
+from .sliding_window import sliding_window, tile_for
 
 __all__ = ["segment", "SegmentationResult", "resolve_model", "DEFAULT_OVERLAP", "FAST_SPACING_FACTOR", "STAGES"]
 
@@ -318,11 +318,12 @@ def segment(
 
         # --- inference: sliding window (2D models: one slice per tile)
         t0 = time.perf_counter()
+        stride = int(getattr(net, "stride", 1) or 1)
         if contract.spatial_dims == 2:
             image = np.moveaxis(image, contract.slice_axis, 0)
-            patch = (1, *contract.patch_size)
+            patch = (1, *tile_for(image.shape[1:], contract.patch_size, stride))
         else:
-            patch = tuple(contract.patch_size)
+            patch = tile_for(image.shape, contract.patch_size, stride)
         bytes_per_voxel = getattr(net, "activation_bytes_per_voxel", ACTIVATION_BYTES_PER_VOXEL)
         batch = plan_batch_size(free_memory_bytes(dev), int(np.prod(patch)), dev.type, bytes_per_voxel)
         was_training = net.training

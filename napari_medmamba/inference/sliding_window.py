@@ -6,6 +6,7 @@ A 2D model runs through the same code with a (1, y, x) patch: each tile is one s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Callable
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 from .errors import SegmentationCancelled
 
-__all__ = ["gaussian_importance", "tile_starts", "tile_grid", "sliding_window"]
+__all__ = ["gaussian_importance", "sliding_window", "tile_for", "tile_grid", "tile_starts"]
 
 
 def gaussian_importance(patch_size: tuple[int, ...], sigma_scale: float = 0.125) -> torch.Tensor:
@@ -93,3 +94,12 @@ def sliding_window(
             progress(done / len(tiles))
     probs /= norm
     return probs[(slice(None), *(slice(0, s) for s in spatial))].contiguous()
+
+
+def tile_for(shape: Sequence[int], patch: Sequence[int], stride: int = 1) -> tuple[int, ...]:
+    """``patch``, but no larger than ``shape`` rounded up to ``stride`` on any axis (and never under two strides,
+    so the coarsest feature map keeps 2 voxels per axis for instance norms): a small volume is not padded up to a
+    large patch. (Padding changes what a Mamba layer sees, which scans the whole tile as one sequence;
+    fine-tuning trains on tiles of this size, so inference uses them too.)"""
+    return tuple(min(int(p), max(2 * stride, -(-int(n) // stride) * stride)) for n, p in zip(shape, patch))
+

@@ -35,7 +35,7 @@ from ..inference.preprocessing import (
     resample_linear,
     working_shape,
 )
-from ..inference.sliding_window import sliding_window
+from ..inference.sliding_window import sliding_window, tile_for
 from ..io.volume import Geometry, Volume
 from ..models.registry import (
     REGISTRY,
@@ -76,8 +76,11 @@ _ENCODERS: dict[str, tuple[str, ...]] = {
 NEW_LABEL_COLORS = ("#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f",
                     "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5")
 """Colours for classes added by ``finetune(new_labels=...)``; those the contract already uses are skipped."""
-NEW_CLASS_BIAS_OFFSET = 2.0
-"""A new class starts as a copy of the background channel with this much lower bias (never predicted at first)."""
+NEW_CLASS_BIAS_OFFSET = 0.5
+"""A new class starts as a copy of the background channel with this much lower bias (never predicted at first,
+but close enough to background that a few steps can make it win where it is labelled)."""
+NEW_CLASS_LR_FACTOR = 10.0
+"""Learning-rate multiplier for the widened classification layer when new classes are added."""
 DEFAULT_LR = {"decoder": 1e-3, "full": 3e-4}
 """AdamW learning rate per mode. Decoder mode trains fewer parameters and learned too slowly at 3e-4: simulated
 user, 2 shifted cases, 5 corrected slices each, 120 s on 2 CPU threads: Dice on the untouched slices +0.094 at
@@ -324,11 +327,6 @@ def _train_patch(patch: Sequence[int], stride: int) -> tuple[int, ...]:
     return (min(p[0], TRAIN_Z_STRIDES * stride), *p[1:]) if len(p) == 3 else p
 
 
-def _patch_for(shape: Sequence[int], patch: Sequence[int], stride: int) -> tuple[int, ...]:
-    """The patch, but no larger than the volume rounded up to the stride (no patch of mostly padding)."""
-    return tuple(min(int(p), -(-int(n) // stride) * stride) for n, p in zip(shape, patch))
-
-
 def _dice(net: nn.Module, examples: Sequence[tuple[PreparedExample, np.ndarray]], contract: InputContract,
           patch: tuple[int, ...], stride: int, device: torch.device, names: Sequence[str]) -> dict[str, float]:
     """Hard Dice on the held-back voxels (pooled over examples); prediction as the engine does it
@@ -343,7 +341,7 @@ def _dice(net: nn.Module, examples: Sequence[tuple[PreparedExample, np.ndarray]]
                 continue
             z0, z1 = max(0, int(zs.min()) - half), min(ex.image.shape[0], int(zs.max()) + half + 1)
             sub = ex.image[z0:z1]
-            tile = _patch_for(sub.shape, patch, stride)
+            tile = tile_for(sub.shape, patch, stride)
 
             def predict(batch: torch.Tensor) -> torch.Tensor:
                 return torch.softmax(net(batch.to(device)).float(), dim=1).cpu()
@@ -452,7 +450,13 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
     dice_before = _dice(net, eval_set, contract, eval_patch, stride, dev, names) if eval_set else {}
     trainable = _set_trainable(net, mode)
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if new_labels:  # the widened head learns a class from scratch: it gets NEW_CLASS_LR_FACTOR x the rate
+        head_params = {id(p) for p in net.get_submodule(head_name).parameters()}
+        groups = [{"params": [p for p in params if id(p) not in head_params]},
+                  {"params": [p for p in params if id(p) in head_params], "lr": lr * NEW_CLASS_LR_FACTOR}]
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     best_state = copy.deepcopy(net.state_dict())
     best_score, best_step, dice_best = (_score(dice_before) if dice_before else -1.0), 0, dice_before
     history: list[dict] = []
@@ -477,7 +481,7 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
         for _ in range(batch_size):
             i, z = train_slices[int(rng.integers(len(train_slices)))]
             p = prepared[i]
-            patch = _patch_for(p.image.shape, base_patch, stride)
+            patch = tile_for(p.image.shape, base_patch, stride)
             in_slice = fg[i][fg[i][:, 0] == z]
             centre = in_slice[int(rng.integers(len(in_slice)))]
             start = [int(c) - s // 2 + (int(rng.integers(-s // 4, s // 4 + 1)) if a else 0)
@@ -514,7 +518,9 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
         if bad_evals >= patience:
             reason = "early_stop"
             break
-    if not eval_set:  # nothing held back: keep the last weights
+    if not eval_set or (new_labels and best_step == 0):
+        # nothing held back, or a new class the held-back slices never showed yet (the base cannot predict it
+        # at all): keep the last weights
         best_state, best_step = copy.deepcopy(net.state_dict()), step
     net.load_state_dict(best_state)
     for p in net.parameters():
