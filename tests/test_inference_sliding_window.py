@@ -65,3 +65,34 @@ def test_tile_for_caps_the_patch_to_the_volume() -> None:
     assert tile_for((36, 33, 32), (64, 128, 128), 8) == (40, 40, 32)  # rounded up to the stride, not padded to 128
     assert tile_for((200, 300, 300), (64, 128, 128), 8) == (64, 128, 128)  # large volumes: the patch
     assert tile_for((3, 5, 9), (64, 128, 128), 8) == (16, 16, 16)  # never under two strides
+
+
+def test_engine_tiles_follow_the_contract_padding_policy() -> None:
+    """Shipped models see the full patch (as trained); fine-tuned contracts (pad_to_patch=False) see tiles capped
+    to the volume, as fine-tuning trains them."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from napari_medmamba.inference import segment
+    from napari_medmamba.models import get_model_spec
+
+    class Recorder(torch.nn.Module):
+        stride = 8
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.shapes: list[tuple[int, ...]] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.shapes.append(tuple(x.shape[2:]))
+            return torch.zeros(x.shape[0], 3, *x.shape[2:]) + self.w
+
+    base = dataclasses.replace(get_model_spec("lightm_unet_3d").contract, target_spacing=None, orientation=None)
+    volume = np.random.default_rng(0).normal(size=(12, 20, 9)).astype(np.float32)
+    for contract, expected in ((base, (40, 56, 40)), (dataclasses.replace(base, pad_to_patch=False), (16, 24, 16))):
+        net = Recorder()
+        segment(volume, (net, contract, "rec"), device="cpu", return_probabilities=False)
+        assert set(net.shapes) == {expected}

@@ -321,9 +321,9 @@ def segment(
         stride = int(getattr(net, "stride", 1) or 1)
         if contract.spatial_dims == 2:
             image = np.moveaxis(image, contract.slice_axis, 0)
-            patch = (1, *tile_for(image.shape[1:], contract.patch_size, stride))
-        else:
-            patch = tile_for(image.shape, contract.patch_size, stride)
+        spatial = image.shape[-len(contract.patch_size):]
+        tile = tuple(contract.patch_size) if contract.pad_to_patch else tile_for(spatial, contract.patch_size, stride)
+        patch = (1, *tile) if contract.spatial_dims == 2 else tile
         bytes_per_voxel = getattr(net, "activation_bytes_per_voxel", ACTIVATION_BYTES_PER_VOXEL)
         batch = plan_batch_size(free_memory_bytes(dev), int(np.prod(patch)), dev.type, bytes_per_voxel)
         was_training = net.training

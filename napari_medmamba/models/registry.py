@@ -43,6 +43,9 @@ class InputContract:
     """(mean, std) in HU used after windowing, for normalization == 'ct'."""
     slice_axis: int = 0
     """For 2D models: the array axis (z=0, y=1, x=2) the model is applied along."""
+    pad_to_patch: bool = True
+    """True: a volume smaller than the patch is zero-padded up to the full patch (how the shipped models were
+    trained); False: tiles are capped to the volume (``sliding_window.tile_for``), as fine-tuned models train."""
 
     @property
     def num_classes(self) -> int:

@@ -136,6 +136,7 @@ def load_finetuned(name: str, store: str | PathLike[str] | None = None, register
         if not colors or len(colors) != len(names):
             raise CheckpointError(entry.weights, "its card lists new labels without one colour per label")
         contract = dataclasses.replace(contract, label_names=tuple(names), label_colors=tuple(colors))
+    contract = dataclasses.replace(contract, pad_to_patch=False)  # fine-tuning trains on tiles capped to the volume
     spec = ModelSpec(name=name, factory=factory, contract=contract,
                      description=f"{base.name} fine-tuned ({entry.card.get('mode', '?')}, {entry.card.get('steps', '?')} steps)",
                      card=entry.card)
