@@ -224,7 +224,8 @@ def run_shift(args) -> dict:
         for mode in args.modes:
             res = finetune(args.shift_base, examples, mode=mode, **ft_kwargs(args))
             model = (res.model, res.spec.contract, res.spec.name)
-            row = {"k": k, "mode": mode, "slices": touched, "finetune_s": res.seconds, "lr": res.card["training"]["lr"], "patch": res.card["training"]["patch_size"], "steps": res.steps,
+            row = {"k": k, "mode": mode, "slices": touched, "finetune_s": res.seconds,
+                   "lr": res.card["training"]["lr"], "patch": res.card["training"]["patch_size"], "steps": res.steps,
                    "best_step": res.best_step, "stop_reason": res.stop_reason, "train_slices": res.train_slices,
                    "heldout_slices": res.heldout_slices, "heldout_dice_before": res.dice_before.get("mean"),
                    "heldout_dice_after": res.dice_after.get("mean"), "device": res.card["training"]["device"],
@@ -271,7 +272,8 @@ def run_newstruct(args) -> dict:
             pred, s = seg(volume, (res.model, res.spec.contract, res.spec.name), args.device)
             m = untouched(mask.shape, zs)
             after = class_dice(pred == new, ref == 1, [1], m)[1]
-            row = {"k": k, "mode": mode, "slices": zs, "before": 0.0, "after": after, "finetune_s": res.seconds, "lr": res.card["training"]["lr"], "patch": res.card["training"]["patch_size"],
+            row = {"k": k, "mode": mode, "slices": zs, "before": 0.0, "after": after, "finetune_s": res.seconds,
+                   "lr": res.card["training"]["lr"], "patch": res.card["training"]["patch_size"],
                    "segment_s": s, "steps": res.steps, "best_step": res.best_step, "stop_reason": res.stop_reason,
                    "heldout_dice_before": res.dice_before.get(args.structure),
                    "heldout_dice_after": res.dice_after.get(args.structure),

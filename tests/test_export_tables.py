@@ -99,3 +99,20 @@ def test_summary_json_errors(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="colour"):
         export_summary_json(tmp_path / "s.json", None, label_colors={1: (1, 2)})
     assert not (tmp_path / "s.json").exists()
+
+
+def test_edit_log_export_round_trips_and_needs_a_log(tmp_path: Path) -> None:
+    """The 'edits' format writes <stem>_edits.npz, which `napari-medmamba finetune` reads back."""
+    from napari_medmamba.export.all_formats import EDITS_SUFFIX, run_exports
+    from napari_medmamba.io import Volume
+
+    labels = np.zeros((4, 5, 6), np.uint8)
+    source = Volume(np.zeros((4, 5, 6), np.float32), Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+    log = EditLog(labels.shape)
+    log.accept_slice(0, 2)
+    kw = dict(label_names=("background", "a"), label_colors=("#000000", "#ff0000"), model_name=None)
+    written, errors = run_exports(labels, source, tmp_path, "case", ["edits"], edit_log=log, **kw)
+    assert errors == [] and written == [tmp_path / f"case{EDITS_SUFFIX}"]
+    assert EditLog.load(written[0]).reviewed_indices(0) == {2}
+    written, errors = run_exports(labels, source, tmp_path / "none", "case", ["edits"], **kw)
+    assert written == [] and len(errors) == 1 and "no edit log" in errors[0]

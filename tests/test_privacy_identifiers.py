@@ -168,19 +168,24 @@ def test_dicom_seg_copies_patient_and_study_identifiers_only(exported: dict[str,
     assert not [e for e in seg if e.tag.is_private]
 
 
-def test_deidentified_dicom_seg_carries_no_identifier_and_no_source_uid(exported: dict[str, list[Path]],
-                                                                       patient_folder: Path) -> None:
-    (seg_path,) = exported["seg_deid"]
-    leaks = _found(seg_path, NEVER + SEG_NEVER)
-    assert not leaks, leaks
+def _source_uids_in(path: Path, patient_folder: Path) -> list[str]:
+    """The source series' UIDs (real and derived) that appear anywhere in the bytes of ``path``."""
     source_uids = set()
     for file in patient_folder.iterdir():
         ds = pydicom.dcmread(file, stop_before_pixels=True)
         source_uids |= {ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.FrameOfReferenceUID}
     source_uids |= set(derived_source_uids(read_volume(patient_folder).dicom).values())
     source_uids.discard("")
-    data = seg_path.read_bytes()
-    assert not [uid for uid in source_uids if uid.encode() in data]
+    data = path.read_bytes()
+    return [uid for uid in source_uids if uid.encode() in data]
+
+
+def test_deidentified_dicom_seg_carries_no_identifier_and_no_source_uid(exported: dict[str, list[Path]],
+                                                                       patient_folder: Path) -> None:
+    (seg_path,) = exported["seg_deid"]
+    leaks = _found(seg_path, NEVER + SEG_NEVER)
+    assert not leaks, leaks
+    assert not _source_uids_in(seg_path, patient_folder)
     seg = pydicom.dcmread(seg_path)
     assert str(seg.PatientName) == "ANONYMOUS" and seg.PatientID == "" and seg.get("PatientBirthDate", "") == ""
     assert seg.PatientIdentityRemoved == "YES"
@@ -218,14 +223,7 @@ def test_deidentified_rtstruct_carries_no_identifier_and_no_source_uid(exported:
     (rt_path,) = exported["rt_deid"]
     leaks = _found(rt_path, NEVER + SEG_NEVER)
     assert not leaks, leaks
-    source_uids = set()
-    for file in patient_folder.iterdir():
-        ds = pydicom.dcmread(file, stop_before_pixels=True)
-        source_uids |= {ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.FrameOfReferenceUID}
-    source_uids |= set(derived_source_uids(read_volume(patient_folder).dicom).values())
-    source_uids.discard("")
-    data = rt_path.read_bytes()
-    assert not [uid for uid in source_uids if uid.encode() in data]
+    assert not _source_uids_in(rt_path, patient_folder)
     rt = pydicom.dcmread(rt_path)
     assert str(rt.PatientName) == "ANONYMOUS" and rt.PatientID == "" and rt.get("PatientBirthDate", "") == ""
     assert rt.PatientIdentityRemoved == "YES"

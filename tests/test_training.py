@@ -178,3 +178,28 @@ def test_partial_label_loss_marginalises_uncontoured_classes():
     assert float(dice_ce_loss(shifted, target) - full) != pytest.approx(0.0, abs=1e-3)  # the plain loss sees it
     present[0, 1] = False  # sample 0's class-1 voxels, labelled 1, still count: present only widens background
     assert torch.isfinite(dice_ce_loss(logits, target, present=present))
+
+
+def test_train_2d_model_slicewise_and_warm_restart(cache, tmp_path):
+    """2D models train on single axial slices and validate slice by slice; ``init_weights`` starts from saved
+    weights (a warm restart) and the card says so."""
+    from napari_medmamba.models.checkpoints import load_checkpoint
+    from napari_medmamba.training.trainer import train
+
+    kw = dict(val_ids=["hippocampus_006"], batch_size=2, device="cpu", budget_s=1e6, log=lambda s: None, max_steps=1)
+    card = train("lightm_unet_2d", cache, tmp_path / "a", patch_size=(16, 16), **kw)
+    assert card["training"]["patch_size"] == [1, 16, 16]  # one slice per patch
+    assert card["input_contract"]["spatial_dims"] == 2
+    dice = card["validation_dice"]["per_class"]
+    assert set(dice) == {"anterior hippocampus", "posterior hippocampus"}
+    assert all(0.0 <= d["mean"] <= 1.0 for d in dice.values())
+
+    first = train("unet_3d", cache, tmp_path / "b", patch_size=(16, 16, 16), **kw)
+    assert first["training"]["initialised_from"] is None
+    init = tmp_path / "b" / "weights.safetensors"
+    card = train("unet_3d", cache, tmp_path / "c", patch_size=(16, 16, 16), init_weights=init,
+                 **{**kw, "max_steps": 0})
+    assert card["training"]["initialised_from"] == "weights.safetensors"
+    start, restarted = load_checkpoint(init), load_checkpoint(tmp_path / "c" / "weights.safetensors")
+    for (k, a), (_, b) in zip(start.state_dict().items(), restarted.state_dict().items()):
+        assert torch.equal(a, b), k  # no step taken: the restart holds exactly the initial weights

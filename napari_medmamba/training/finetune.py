@@ -564,7 +564,8 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
         card, result_weights, result_card = stored.card, stored.weights, stored.card_path
     frozen = copy.deepcopy(net)
     # trained on tiles capped to the volume (tile_for): inference must tile the same way
-    new_spec = ModelSpec(name=new_name, factory=lambda: copy.deepcopy(frozen), contract=replace(contract, pad_to_patch=False),
+    new_spec = ModelSpec(name=new_name, factory=lambda: copy.deepcopy(frozen),
+                         contract=replace(contract, pad_to_patch=False),
                          description=f"{spec.name} fine-tuned on {len(examples)} corrected scan(s) ({mode}, {step} steps)",
                          card=card)
     return FinetuneResult(model=net, spec=new_spec, base_name=spec.name, dice_before=dice_before,

@@ -32,7 +32,16 @@ from ...inference import SegmentationCancelled, SegmentationInputError, Segmenta
 from ...io import Volume
 from ...models import default_model_name, get_model_spec, list_models
 from .._layers import METADATA_KEY, geometry_kwargs, labels_layer_data, volume_metadata
-from ._common import ProgressBridge, SESSIONS, LayerSession, StallMonitor, label_colormap, layer_volume, notify, refill_layer_combo
+from ._common import (
+    SESSIONS,
+    LayerSession,
+    ProgressBridge,
+    StallMonitor,
+    label_colormap,
+    layer_volume,
+    notify,
+    refill_layer_combo,
+)
 
 if TYPE_CHECKING:
     import napari
