@@ -8,6 +8,11 @@ Cases (as the issue measured the official code): 3D 128^3 inference batch 1 (fp3
 batch 1, 2D 512^2 training batch 12. Time: median of ``--repeat`` runs after ``--warmup`` (CUDA-synchronised);
 memory: ``torch.cuda.max_memory_allocated`` for that case alone. ``--profile`` adds the forward time of each
 top-level stage (convInit, each encoder stage, each decoder stage, head) measured with CUDA events.
+``--checkpointing [MODE ...]`` (default mode ``layer``) runs every training case again with LightM-UNet's
+activation checkpointing on (``set_activation_checkpointing``, levels ``--checkpoint-levels``, default full
+and half resolution), one extra row per mode, so both appear in the same run:
+
+    python benchmarks/model.py --cases train3d_128 train3d_96 --checkpointing layer cheap
 Works on CPU too (``--device cpu``, slow: use ``--cases infer3d --size 64``).
 """
 
@@ -19,13 +24,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from napari_medmamba.models.lightm_unet import LightMUNet  # noqa: E402
+from napari_medmamba.models.lightm_unet import LightMUNet, MambaLayer  # noqa: E402
 from napari_medmamba.ssm.dispatch import resolve_backend  # noqa: E402
 from napari_medmamba.training.losses import dice_ce_loss  # noqa: E402
 
@@ -63,9 +69,13 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def run_case(case: str, device: torch.device, size3d: int, size2d: int, warmup: int, repeat: int) -> dict:
+def run_case(case: str, device: torch.device, size3d: int, size2d: int, warmup: int, repeat: int,
+             checkpointing: str | None = None, levels: Sequence[int] | None = None) -> dict:
+    """One case; ``checkpointing`` (a MambaLayer mode) turns on activation checkpointing at ``levels``."""
     dims = 2 if "2d" in case else 3
     net = _net(dims, device)
+    if checkpointing:
+        net.set_activation_checkpointing(True if levels is None else levels, mode=checkpointing)
     bf16 = case != "infer3d"
     train = case.startswith("train")
     if case == "train3d_96":
@@ -97,7 +107,13 @@ def run_case(case: str, device: torch.device, size3d: int, size2d: int, warmup: 
         torch.cuda.empty_cache()
     ms, peak = _timed(step, device, warmup, repeat)
     return {"case": case, "shape": list(shape), "batch": batch, "precision": "bf16 autocast" if bf16 else "fp32",
-            "ms": round(ms, 2), "peak_mib": round(peak, 1)}
+            "ms": round(ms, 2), "peak_mib": round(peak, 1),
+            "checkpointing": _ckpt_label(net) if train else "off"}
+
+
+def _ckpt_label(net: LightMUNet) -> str:
+    on = net.activation_checkpointing
+    return "off" if not on else ", ".join(f"L{k} {v}" for k, v in sorted(on.items()))
 
 
 def profile_stages(device: torch.device, size3d: int, bf16: bool, repeat: int = 5) -> list[dict]:
@@ -142,27 +158,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="also time each stage of the 3D forward")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--checkpointing", nargs="*", default=None, choices=MambaLayer.CHECKPOINT_MODES,
+                   help="also run each training case with activation checkpointing in these modes "
+                        "(no value: layer)")
+    p.add_argument("--checkpoint-levels", type=int, nargs="+", default=None,
+                   help="resolution levels to checkpoint (default: 0 1, full and half resolution)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    modes = [] if a.checkpointing is None else (a.checkpointing or ["layer"])
+    runs = [(case, None) for case in a.cases] + [(case, m) for case in a.cases if case.startswith("train")
+                                                 for m in modes]
     rows = []
-    for case in a.cases:
+    for case, mode in runs:
         try:
-            rows.append(run_case(case, device, a.size, a.size2d, a.warmup, a.repeat))
+            rows.append(run_case(case, device, a.size, a.size2d, a.warmup, a.repeat, mode, a.checkpoint_levels))
         except torch.OutOfMemoryError as e:
-            rows.append({"case": case, "error": f"out of memory: {str(e)[:120]}"})
+            rows.append({"case": case, "checkpointing": mode or "off", "error": f"out of memory: {str(e)[:120]}"})
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"device {name}, torch {torch.__version__}, scan backend {resolve_backend(device)}")
-    print("| case | shape x batch | precision | ms | peak MiB |\n|---|---|---|---|---|")
+    print("| case | shape x batch | precision | act. checkpointing | ms | peak MiB |\n|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['case']} | | | {r['error']} | |")
+            print(f"| {r['case']} | | | {r['checkpointing']} | {r['error']} | |")
         else:
             print(f"| {r['case']} | {'x'.join(map(str, r['shape']))} x {r['batch']} | {r['precision']} | "
-                  f"{r['ms']:.1f} | {r['peak_mib']:.0f} |")
+                  f"{r['checkpointing']} | {r['ms']:.1f} | {r['peak_mib']:.0f} |")
     out = {"device": name, "torch": torch.__version__, "backend": resolve_backend(device), "cases": rows}
     if a.profile:
         out["stages"] = profile_stages(device, a.size, bf16=True)

@@ -105,19 +105,30 @@ def time_cuda(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def scan_function(backend: str):
+    """``selective_scan_fn`` on ``backend``; ``triton:short`` / ``triton:chunked`` force one Triton path."""
+    if backend.startswith("triton:"):
+        from napari_medmamba.ssm.triton.autograd import selective_scan_triton
+
+        path = backend.split(":", 1)[1]
+        return lambda **kw: selective_scan_triton(**kw, config={"path": path})
+    return lambda **kw: selective_scan_fn(**kw, backend=backend)
+
+
 def measure(shape: Shape, dtype: torch.dtype, backend: str, device: str, repeats: int) -> tuple[float, float]:
     """(forward ms, forward+backward ms) for one configuration."""
     timer = time_cuda if device == "cuda" else time_cpu
+    scan = scan_function(backend)
     plain = make_inputs(shape, dtype, device, grad=False)
     with torch.no_grad():
-        fwd = timer(lambda: selective_scan_fn(**plain, delta_softplus=True, backend=backend), repeats)
+        fwd = timer(lambda: scan(**plain, delta_softplus=True), repeats)
     plain.clear()  # free the forward-only inputs before the autograd ones are made
     inputs = make_inputs(shape, dtype, device, grad=True)
     leaves = list(inputs.values())
     dout = torch.randn(shape[:3], device=device).to(dtype)
 
     def fwd_bwd():
-        out = selective_scan_fn(**inputs, delta_softplus=True, backend=backend)
+        out = scan(**inputs, delta_softplus=True)
         torch.autograd.grad(out, leaves, dout)
 
     both = timer(fwd_bwd, max(1, repeats // 2 + 1))
@@ -155,6 +166,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     usable = set(available_backends())
     if device == "cuda":
         backends = [b for b in ("triton", "mamba_ssm", "torch") if b in usable]
+        if args.skip_torch:
+            backends = [b for b in backends if b != "torch"]
+        if args.triton_paths and "triton" in usable:  # both Triton paths forced, to place the short/chunked threshold
+            backends[1:1] = ["triton:short", "triton:chunked"]
         baseline, dtypes = "mamba_ssm", args.dtypes or ["fp32", "bf16"]
     else:
         backends = [b for b in ("cpu", "torch") if b in usable]
@@ -233,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-models", action="store_true", help="skip the registered models' scan shapes")
     parser.add_argument("--hbm-peak-gbs", type=float, default=3350.0, help="peak memory bandwidth (H100 SXM: 3350)")
     parser.add_argument("--json", help="also write the results as JSON to this path")
+    parser.add_argument("--triton-paths", action="store_true",
+                        help="CUDA: also time the Triton short and chunked paths forced (triton:short, triton:chunked)")
+    parser.add_argument("--skip-torch", action="store_true", help="CUDA: leave out the slow plain-PyTorch backend")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")

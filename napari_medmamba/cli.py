@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="segment on an existing Dask cluster, e.g. tcp://host:8786 or tls://host:8786 "
                             "(workers must see the input and output paths); needs napari-medmamba[dask]")
+    p.add_argument("--threads-per-worker", type=_positive_int, default=None, metavar="T",
+                   help="CPU threads (torch, SimpleITK) per Dask worker (default with --workers N: "
+                        "cpu_count // N; with --scheduler: the workers' own settings)")
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("export", help="export a label map: label maps, DICOM-SEG, RTSTRUCT, volume CSV, meshes, JSON")
@@ -304,31 +307,38 @@ def _expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return paths
 
 
+def summary_row(volume: Any, case: str, output: Path, model_name: str, device: str, seconds: float,
+                label_names: Sequence[str], labels: Any) -> dict[str, Any]:
+    """One case's row of the batch summary CSV: case, status, output, shape, spacing, model, device, seconds, mL."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(labels).ravel().astype(np.int64), minlength=len(label_names))
+    row: dict[str, Any] = {
+        "case": case,
+        "status": "ok",
+        "output": str(output),
+        "shape": "x".join(str(s) for s in volume.shape),
+        "spacing_mm": "x".join(f"{s:.4g}" for s in volume.geometry.spacing_zyx),
+        "model": model_name,
+        "device": device,
+        "seconds": round(seconds, 3),
+    }
+    for value, name in enumerate(label_names[1:], start=1):
+        row[f"{name}_ml"] = round(float(counts[value]) * volume.geometry.voxel_volume_ml, 4)
+    return row
+
+
 def segment_case(volume: Any, case: str, outdir: Path, model: Any, device: str, mode: str,
                  quiet: bool) -> dict[str, Any]:
     """Segment one scan into ``outdir/<case>_labels.nii.gz``; returns a summary row."""
-    import numpy as np
-
     from .inference import segment
     from .io import write_labels
 
     start = time.perf_counter()
     result = segment(volume, model, device=device, mode=mode, progress=_StderrProgress(case, quiet))
     out = write_labels(result.labels.array, like=volume, path=outdir / f"{case}{LABEL_SUFFIX}")
-    counts = np.bincount(result.labels.array.ravel(), minlength=len(result.label_names))
-    row: dict[str, Any] = {
-        "case": case,
-        "status": "ok",
-        "output": str(out),
-        "shape": "x".join(str(s) for s in volume.shape),
-        "spacing_mm": "x".join(f"{s:.4g}" for s in volume.geometry.spacing_zyx),
-        "model": result.model_name,
-        "device": result.device,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    for value, name in enumerate(result.label_names[1:], start=1):
-        row[f"{name}_ml"] = round(float(counts[value]) * volume.geometry.voxel_volume_ml, 4)
-    return row
+    return summary_row(volume, case, out, result.model_name, result.device, time.perf_counter() - start,
+                       result.label_names, result.labels.array)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -377,9 +387,10 @@ def _segment_distributed(args: argparse.Namespace, paths: list[Path]) -> int:
     log = None if args.quiet else _stderr
     try:
         if args.scheduler is not None:
-            cluster = connect(args.scheduler)
+            cluster = connect(args.scheduler, threads_per_worker=args.threads_per_worker)
         else:
-            cluster = local_cluster(args.workers, device=args.device, log=_stderr)
+            cluster = local_cluster(args.workers, device=args.device, log=_stderr,
+                                    threads_per_worker=args.threads_per_worker)
         with cluster as client:
             rows = run_batch(client, paths, args.output, name, device=args.device, mode=args.mode,
                              overwrite=args.overwrite, log=log)

@@ -126,3 +126,97 @@ def test_missing_distributed_says_how_to_install(monkeypatch, cases: list[Path],
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
     assert main(["segment", str(cases[0]), "-o", str(tmp_path), "--workers", "2"]) == 2
     assert "pip install 'napari-medmamba[dask]'" in capsys.readouterr().err
+
+
+# --- per-worker thread limits and per-case diagnostics (issue #11) ------------------------------
+
+from napari_medmamba.distributed.tasks import DIAGNOSTIC_COLUMNS  # noqa: E402
+from napari_medmamba.distributed.threads import thread_counts, threads_per_worker  # noqa: E402
+
+STAGES = ("read_s", "load_s", "segment_s", "write_s")
+
+
+def test_threads_per_worker_is_a_share_of_the_cores() -> None:
+    assert threads_per_worker(2, cpus=32) == 16
+    assert threads_per_worker(3, cpus=32) == 10
+    assert threads_per_worker(4, cpus=2) == 1  # never 0
+    assert threads_per_worker(1, cpus=8) == 8
+
+
+def test_thread_limit_is_applied_in_each_worker() -> None:
+    # 3 differs from both defaults here: Dask's OMP_NUM_THREADS=1 (torch) and every core (SimpleITK)
+    with local_cluster(2, device="cpu", threads_per_worker=3) as client:
+        workers = list(client.scheduler_info()["workers"])
+        futures = [client.submit(thread_counts, workers=[w], pure=False, allow_other_workers=False) for w in workers]
+        counts = client.gather(futures)
+    assert len(counts) == 2
+    for c in counts:  # as a task sees them, in the worker's task thread
+        assert c["torch_threads"] == 3 and c["sitk_threads"] == 3, c
+        assert c["interop_threads"] >= 1
+
+
+def test_workers_report_threads_gpu_and_stage_times(cases: list[Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["segment", *map(str, cases[:3]), "-o", str(out), "--model", MODEL, "--mode", "fast",
+                 "--workers", "2", "--threads-per-worker", "1", "--json", "-q"]) == 0
+    json_rows = json.loads(capsys.readouterr().out)["cases"]
+    with (out / "summary.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = list(reader.fieldnames or []), list(reader)
+    # existing columns first, in their order; the diagnostics after them
+    assert header[:8] == ["case", "status", "output", "shape", "spacing_mm", "model", "device", "seconds"]
+    assert all(c.endswith("_ml") for c in header[8:-len(DIAGNOSTIC_COLUMNS)])
+    assert header[-len(DIAGNOSTIC_COLUMNS):] == list(DIAGNOSTIC_COLUMNS)
+    assert [r["case"] for r in json_rows] == [r["case"] for r in rows]
+    for row in json_rows:
+        assert row["status"] == "ok" and row["device"] == "cpu"
+        assert row["worker"].startswith("tcp://127.0.0.1:") and row["worker_name"] in {"0", "1"}
+        assert isinstance(row["pid"], int) and row["pid"] != os.getpid()
+        assert row["gpu"] == "" and row["gpu_pci_bus_id"] == ""
+        # threads the engine really used inside segment(): capped at 1 (else every physical core)
+        assert row["torch_threads"] == 1 and row["sitk_threads"] == 1
+        stages = [row[k] for k in STAGES]
+        assert all(isinstance(s, float) and s >= 0 for s in stages), row
+        assert row["segment_s"] > 0 and row["read_s"] > 0
+        assert sum(stages) <= row["case_s"] + 0.05
+        assert abs(row["seconds"] - (row["segment_s"] + row["write_s"])) <= 0.05 + 0.02 * row["seconds"]
+        engine = [row[f"seg_{k}_s"] for k in ("preprocess", "inference", "resample", "postprocess")]
+        assert all(e >= 0 for e in engine) and sum(engine) <= row["segment_s"] + 0.01
+        assert 0 < row["seg_forward_s"] <= row["seg_inference_s"] + 1e-6
+    assert len({r["pid"] for r in json_rows}) <= 2
+
+
+def _load_batch_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmarks_batch", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "batch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_per_worker_table_from_a_summary() -> None:
+    bench = _load_batch_benchmark()
+    gpu_a, gpu_b = "00000000:19:00.0", "00000000:3B:00.0"
+
+    def row(worker: str, gpu: str, read: str, seg: str, write: str, status: str = "ok") -> dict[str, str]:
+        return {"case": "x", "status": status, "device": "cuda:0", "worker": worker, "gpu_pci_bus_id": gpu,
+                "torch_threads": "16", "sitk_threads": "16", "read_s": read, "segment_s": seg, "write_s": write}
+
+    summary = [row("tcp://w0", gpu_a, "0.1", "0.2", "0.05"), row("tcp://w1", gpu_b, "0.3", "0.4", "0.1"),
+               row("tcp://w0", gpu_a, "0.3", "0.4", "0.15"),
+               {"case": "bad", "status": "failed: boom", "worker": "tcp://w1", "read_s": "", "segment_s": None}]
+    stats = {s["worker"]: s for s in bench.per_worker_stats(summary)}
+    assert set(stats) == {"tcp://w0", "tcp://w1"}
+    w0, w1 = stats["tcp://w0"], stats["tcp://w1"]
+    assert (w0["cases"], w0["ok"], w1["cases"], w1["ok"]) == (2, 2, 2, 1)
+    assert w0["read_s"] == pytest.approx(0.2) and w0["segment_s"] == pytest.approx(0.3)
+    assert w0["write_s"] == pytest.approx(0.1) and w1["segment_s"] == pytest.approx(0.4)
+    assert w0["device"] == f"cuda:0 / {gpu_a}" and w1["device"] == f"cuda:0 / {gpu_b}" and w0["threads"] == "16/16"
+    table = bench.per_worker_table(summary).splitlines()
+    assert len(table) == 4 and gpu_a in table[2] and gpu_b in table[3] and "0.300" in table[2]
+    # the sequential CLI's summary has no worker column: one "(main process)" line, no stage times
+    sequential = bench.per_worker_stats([{"case": "x", "status": "ok", "device": "cpu", "seconds": "1.0"}])
+    assert sequential == [{"worker": "(main process)", "device": "cpu", "threads": "-", "cases": 1, "ok": 1,
+                           "read_s": None, "segment_s": None, "write_s": None}]

@@ -440,3 +440,138 @@ def test_mamba_layer_skip_and_double_norm() -> None:
         flat = x.reshape(1, 8, 15).transpose(1, 2)
         want = layer.proj(layer.norm(2.0 * flat)).transpose(1, 2).reshape(1, 16, 3, 5)
         torch.testing.assert_close(layer(x), want)
+
+
+# --- activation checkpointing (issue #12) ---------------------------------------------------------------
+
+def _small_net(dtype: torch.dtype = torch.float64) -> LightMUNet:
+    torch.manual_seed(0)
+    return LightMUNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3).to(dtype).train()
+
+
+def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Output of ``model(x)`` and the bytes of the distinct storages autograd saved for backward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return out, sum(storages.values())
+
+
+def _out_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads["<input>"] = x.grad.clone()
+    return out.detach(), grads
+
+
+def test_activation_checkpointing_levels_api_and_state_dict() -> None:
+    from napari_medmamba.models.lightm_unet import MambaLayer
+
+    net = _small_net()
+    keys = list(net.state_dict())
+    levels = [level for level, _ in net.mamba_layers()]
+    assert len(levels) == sum(isinstance(m, MambaLayer) for m in net.modules()) == 2 * 9 + 3
+    assert levels.count(0) == 3 and levels.count(1) == 5  # stage 0 (2) + stage 1's downsampling layer; 4 + 1
+    assert net.activation_checkpointing == {}
+    assert net.set_activation_checkpointing() is net
+    assert net.activation_checkpointing == {0: "layer", 1: "layer"}
+    assert sum(m.checkpointing is not None for m in net.modules() if isinstance(m, MambaLayer)) == 8
+    assert net.set_activation_checkpointing([2, 3], mode="cheap").activation_checkpointing == {2: "cheap", 3: "cheap"}
+    assert net.set_activation_checkpointing(0).activation_checkpointing == {0: "layer"}
+    assert net.set_activation_checkpointing(False).activation_checkpointing == {}
+    with pytest.raises(ValueError, match="mode"):
+        net.set_activation_checkpointing(True, mode="everything")
+    assert list(net.set_activation_checkpointing(True).state_dict()) == keys
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("mode", ["layer", "cheap"])
+def test_activation_checkpointing_same_outputs_and_gradients(mode: str, backend: str, monkeypatch) -> None:
+    from napari_medmamba.ssm.dispatch import ENV_VAR, available_backends
+
+    if backend not in available_backends():
+        pytest.skip(f"scan backend {backend} unavailable")
+    monkeypatch.setenv(ENV_VAR, backend)
+    net = _small_net(torch.float64)
+    x = torch.randn(1, 1, 16, 16, 16, dtype=torch.float64)
+    out_ref, grads_ref = _out_and_grads(net, x)
+    net.set_activation_checkpointing(True, mode=mode)
+    out, grads = _out_and_grads(net, x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_activation_checkpointing_keeps_bf16_autocast_in_recompute() -> None:
+    """Recomputation runs under the forward's autocast: bf16 gradients match the uncheckpointed ones."""
+    net = _small_net(torch.float32)
+    x = torch.randn(1, 1, 16, 16, 16)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _out_and_grads(net, x)
+
+    out_ref, grads_ref = run()
+    assert out_ref.dtype == torch.bfloat16  # the head's convolutions ran in bf16
+    net.set_activation_checkpointing(True)
+    out, grads = run()
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    for name in grads:  # same ops in the same dtypes; only summation order may differ
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_cuts_saved_for_backward_bytes() -> None:
+    """16^3, batch 1, init_filters 8, float32 (measured with the channels-first Mamba layer, which itself keeps
+    less than the token-first one did (21.1 MiB): off 18.5 MiB, layer 25%, cheap 76%)."""
+    net = _small_net(torch.float32)
+    x = torch.randn(1, 1, 16, 16, 16)
+    out_off, off = _saved_bytes(net, x)
+    out_layer, layer = _saved_bytes(net.set_activation_checkpointing(True, mode="layer"), x)
+    out_cheap, cheap = _saved_bytes(net.set_activation_checkpointing(True, mode="cheap"), x)
+    out_all, every = _saved_bytes(net.set_activation_checkpointing([0, 1, 2, 3]), x)
+    assert off > 16 * 2**20
+    assert layer < 0.30 * off
+    assert cheap < 0.8 * off
+    assert every < layer
+    for out in (out_layer, out_cheap, out_all):
+        torch.testing.assert_close(out, out_off, rtol=0, atol=0)
+
+
+def test_activation_checkpointing_inactive_in_eval_and_no_grad(monkeypatch) -> None:
+    import napari_medmamba.models.lightm_unet as lm
+
+    calls = []
+    real = lm.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm, "checkpoint", counting)
+    net = _small_net(torch.float32)
+    x = torch.randn(1, 1, 16, 16, 16)
+    net.eval()
+    out_off, off = _saved_bytes(net, x)
+    net.set_activation_checkpointing(True)
+    out_eval, saved_eval = _saved_bytes(net, x)  # eval with grad enabled: unchanged
+    with torch.no_grad():
+        out_nograd = net.train()(x)
+    assert calls == [] and saved_eval == off
+    torch.testing.assert_close(out_eval, out_off, rtol=0, atol=0)
+    with torch.inference_mode():
+        net(x)
+    assert calls == []
+    net.train()(x)
+    assert len(calls) == 8  # one per Mamba layer at levels 0 and 1
+    with torch.no_grad():
+        torch.testing.assert_close(net.set_activation_checkpointing(False)(x), out_nograd, rtol=0, atol=0)

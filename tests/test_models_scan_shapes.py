@@ -30,9 +30,9 @@ def test_every_registered_model_listed() -> None:
     assert shapes["unet_3d"] == []
     assert sorted(shapes["lightm_unet_3d"]) == sorted(_lightm_expected((40, 56, 40)))
     assert sorted(shapes["lightm_unet_2d"]) == sorted(_lightm_expected((56, 40)))
-    mhs = shapes["mhs_vm_2d"]  # 64x64 -> 16x16 tokens; 4 heads of dim/4 channels x 4 routes each
+    mhs = shapes["mhs_vm_2d"]  # 64x64 -> 16x16 tokens; 4 heads x 4 routes per block; widths 48/96/192/384
     assert len(mhs) == 4 * (2 + 2 + 2 + 2 + 2 + 2 + 2 + 1)
-    assert set(mhs) == {(1, 96, 256, 16), (1, 192, 64, 16), (1, 384, 16, 16), (1, 768, 4, 16)}
+    assert set(mhs) == {(1, 48, 256, 16), (1, 96, 64, 16), (1, 192, 16, 16), (1, 384, 4, 16)}
 
 
 def test_official_patch() -> None:

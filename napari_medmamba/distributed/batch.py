@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .tasks import LABEL_SUFFIX, output_stamp, segment_path
+from .threads import threads_per_worker as default_threads_per_worker
 
 __all__ = ["DistributedUnavailable", "require_distributed", "local_cluster", "connect", "run_batch"]
 
@@ -48,16 +49,19 @@ def _visible_gpus(device: str) -> list[str]:
 
 @contextmanager
 def local_cluster(n_workers: int, device: str = "auto", log: Callable[[str], None] | None = None,
-                  quiet_logs: bool = True) -> Iterator[Any]:
-    """A Client on a fresh LocalCluster: ``n_workers`` processes, 1 thread each, on 127.0.0.1.
+                  quiet_logs: bool = True, threads_per_worker: int | None = None) -> Iterator[Any]:
+    """A Client on a fresh LocalCluster: ``n_workers`` processes, 1 task thread each, on 127.0.0.1.
 
     The dashboard is off and every port listens on localhost only. With GPUs (and
     ``device`` not 'cpu') worker *i* gets ``CUDA_VISIBLE_DEVICES`` = the i-th visible GPU
-    (round-robin when there are more workers than GPUs). On the CPU each worker gets
-    ``cpu_count // n_workers`` torch threads.
+    (round-robin when there are more workers than GPUs). Each worker gets
+    ``threads_per_worker`` CPU threads for torch and SimpleITK (default
+    ``max(1, cpu_count // n_workers)``), on the GPU as on the CPU.
     """
     if n_workers < 1:
         raise ValueError(f"--workers must be at least 1, got {n_workers}")
+    if threads_per_worker is not None and threads_per_worker < 1:
+        raise ValueError(f"--threads-per-worker must be at least 1, got {threads_per_worker}")
     distributed = require_distributed()
     from ._plugin import MedmambaWorkerPlugin
 
@@ -66,7 +70,7 @@ def local_cluster(n_workers: int, device: str = "auto", log: Callable[[str], Non
         raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible")
     if gpus and n_workers > len(gpus) and log:
         log(f"warning: {n_workers} workers share {len(gpus)} GPU(s) round-robin")
-    threads = None if gpus else max(1, (os.cpu_count() or 1) // n_workers)
+    threads = threads_per_worker or default_threads_per_worker(n_workers)
     cluster = distributed.LocalCluster(
         n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
         dashboard_address=None, worker_dashboard_address=None,
@@ -82,17 +86,25 @@ def local_cluster(n_workers: int, device: str = "auto", log: Callable[[str], Non
 
 
 @contextmanager
-def connect(address: str, timeout: float | None = None) -> Iterator[Any]:
+def connect(address: str, timeout: float | None = None, threads_per_worker: int | None = None) -> Iterator[Any]:
     """A Client on an existing scheduler (``tcp://host:8786``, ``tls://host:8786``).
 
     TLS certificates come from Dask's configuration (``distributed.comm.tls.*``, e.g. the
     ``DASK_DISTRIBUTED__COMM__TLS__CA_FILE`` environment variables). Workers keep whatever
-    GPU and thread settings they were started with; the model cache is set up lazily.
-    ``timeout`` (seconds) defaults to ``distributed.comm.timeouts.connect`` (30 s).
+    GPU and thread settings they were started with, unless ``threads_per_worker`` is given:
+    then every worker (and any that joins later) gets that many torch/SimpleITK threads.
+    The model cache is set up lazily. ``timeout`` (seconds) defaults to
+    ``distributed.comm.timeouts.connect`` (30 s).
     """
+    if threads_per_worker is not None and threads_per_worker < 1:
+        raise ValueError(f"--threads-per-worker must be at least 1, got {threads_per_worker}")
     distributed = require_distributed()
     client = distributed.Client(address, **({} if timeout is None else {"timeout": timeout}))
     try:
+        if threads_per_worker is not None:
+            from ._plugin import MedmambaWorkerPlugin
+
+            client.register_plugin(MedmambaWorkerPlugin(None, threads_per_worker))
         yield client
     finally:
         client.close()
@@ -163,6 +175,7 @@ def run_batch(
             done += 1
             status = row["status"]
             where = f" on {row['worker']}" if row.get("worker") else ""
+            where += f" (GPU {row['gpu_pci_bus_id']})" if row.get("gpu_pci_bus_id") else ""
             timing = f" {row['seconds']:.1f} s" if isinstance(row.get("seconds"), (int, float)) else ""
             say(f"[{case}] {status}{timing}{where} ({done}/{total})")
     finally:

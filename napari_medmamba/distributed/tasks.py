@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["segment_path", "cached_model", "output_stamp"]
+__all__ = ["segment_path", "cached_model", "output_stamp", "gpu_identity", "DIAGNOSTIC_COLUMNS"]
 
 LABEL_SUFFIX = "_labels.nii.gz"  # same as napari_medmamba.cli.LABEL_SUFFIX
+
+DIAGNOSTIC_COLUMNS = (
+    "worker", "worker_name", "pid", "cuda_visible_devices", "gpu", "gpu_pci_bus_id",
+    "torch_threads", "interop_threads", "sitk_threads",
+    "case_s", "read_s", "load_s", "segment_s", "write_s",
+    "seg_preprocess_s", "seg_inference_s", "seg_forward_s", "seg_resample_s", "seg_postprocess_s",
+)
+"""Columns each task adds after the summary row's own ones (None where a stage did not run).
+
+``torch_threads`` is read inside the engine's segmentation (what it really used);
+``case_s`` is the whole task (read + model load + segment + write); ``seg_*_s`` are the
+engine's own stage timings within ``segment_s``. ``seconds`` stays segment + write, as in
+the sequential CLI.
+"""
 
 # Fallback cache when a task runs outside a Dask worker (tests, synchronous scheduler).
 _PROCESS_CACHE: dict[tuple[str, str], Any] = {}
@@ -54,23 +70,97 @@ def output_stamp(path: str | Path) -> tuple[int, int] | None:
 
 def _row_from_output(volume: Any, case: str, target: Path, model_name: str) -> dict[str, Any]:
     """Summary row for an output that an earlier attempt of this run already wrote."""
-    import numpy as np
-
+    from ..cli import summary_row
     from ..io import read_volume
     from ..models import get_model_spec
 
     labels = read_volume(target).array
     names = get_model_spec(model_name).contract.label_names
-    counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(names))
-    row: dict[str, Any] = {
-        "case": case, "status": "ok", "output": str(target),
-        "shape": "x".join(str(s) for s in volume.shape),
-        "spacing_mm": "x".join(f"{s:.4g}" for s in volume.geometry.spacing_zyx),
-        "model": model_name, "device": "", "seconds": 0.0,
+    return summary_row(volume, case, target, model_name, "", 0.0, names, labels)
+
+
+@contextmanager
+def _timed(stages: dict[str, float], key: str) -> Iterator[None]:
+    """Record the wall seconds of the block in ``stages[key]`` (also when it raises)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[key] = time.perf_counter() - start
+
+
+def _thread_probe(probe: dict[str, Any]) -> Callable[[float, str], None]:
+    """A progress callback that records torch's thread count inside the engine (its first call)."""
+
+    def progress(fraction: float, stage: str) -> None:
+        if "torch_threads" not in probe:
+            import torch
+
+            probe["torch_threads"] = torch.get_num_threads()
+
+    return progress
+
+
+def _segment_and_write(volume: Any, case: str, outdir: Path, model: Any, device: str, mode: str,
+                       stages: dict[str, float], probe: dict[str, Any]) -> dict[str, Any]:
+    """Segment and write one case, timing each stage; the row of :func:`napari_medmamba.cli.summary_row`."""
+    from ..cli import summary_row
+    from ..inference import segment
+    from ..io import write_labels
+
+    start = time.perf_counter()
+    with _timed(stages, "segment_s"):
+        result = segment(volume, model, device=device, mode=mode, progress=_thread_probe(probe))
+    for stage in ("preprocess", "inference", "forward", "resample", "postprocess"):
+        if stage in result.timings:
+            stages[f"seg_{stage}_s"] = result.timings[stage]
+    with _timed(stages, "write_s"):
+        out = write_labels(result.labels.array, like=volume, path=outdir / f"{case}{LABEL_SUFFIX}")
+    return summary_row(volume, case, out, result.model_name, result.device, time.perf_counter() - start,
+                       result.label_names, result.labels.array)
+
+
+def _pci_bus_id(props: Any, index: int) -> str:
+    """``DDDDDDDD:BB:DD.0`` as nvidia-smi prints it; else the GPU's uuid or its physical id."""
+    bus = getattr(props, "pci_bus_id", None)
+    if bus is not None:
+        return f"{int(getattr(props, 'pci_domain_id', 0)):08X}:{int(bus):02X}:{int(getattr(props, 'pci_device_id', 0)):02X}.0"
+    uuid = getattr(props, "uuid", None)
+    if uuid is not None:
+        return f"GPU-{uuid}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    physical = ids[index] if index < len(ids) else str(index)
+    return f"{props.name} #{physical} (CUDA_VISIBLE_DEVICES={visible or 'unset'})"
+
+
+def gpu_identity(device: str) -> dict[str, str]:
+    """``{"gpu": name, "gpu_pci_bus_id": ...}`` of a torch CUDA device ('cuda:0'); empty strings otherwise."""
+    if not str(device).startswith("cuda"):
+        return {"gpu": "", "gpu_pci_bus_id": ""}
+    try:
+        import torch
+
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        props = torch.cuda.get_device_properties(index)
+        return {"gpu": str(props.name), "gpu_pci_bus_id": _pci_bus_id(props, index)}
+    except Exception as exc:  # diagnostics never fail a case
+        return {"gpu": f"unknown ({type(exc).__name__})", "gpu_pci_bus_id": ""}
+
+
+def _diagnostics(worker: Any, where: str, device: str, stages: dict[str, float],
+                 probe: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`DIAGNOSTIC_COLUMNS` of one task: worker, GPU, thread counts, stage seconds."""
+    from .threads import thread_counts
+
+    values: dict[str, Any] = {
+        "worker": where, "worker_name": "" if worker is None else str(worker.name), "pid": os.getpid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        **gpu_identity(device), **thread_counts(), **probe,
+        **{key: round(seconds, 4) for key, seconds in stages.items()},
     }
-    for value, name in enumerate(names[1:], start=1):
-        row[f"{name}_ml"] = round(float(counts[value]) * volume.geometry.voxel_volume_ml, 4)
-    return row
+    return {key: values.get(key) for key in DIAGNOSTIC_COLUMNS}
 
 
 def segment_path(path: str, outdir: str, case: str, model: str, device: str = "auto", mode: str = "accurate",
@@ -83,24 +173,29 @@ def segment_path(path: str, outdir: str, case: str, model: str, device: str = "a
     that differs from it was written by an earlier attempt of this same run (the worker
     died after writing, before reporting), so it is reported, not recomputed. Errors of
     the case (unreadable scan, bad input) come back as a ``failed: ...`` row, not raised.
+    The row ends with the :data:`DIAGNOSTIC_COLUMNS` (worker, GPU, threads, stage seconds).
     """
-    from ..cli import segment_case
     from ..io import read_volume
 
     worker = _worker()
     where = worker.address if worker is not None else f"pid {os.getpid()}"
     target = Path(outdir) / f"{case}{LABEL_SUFFIX}"
+    stages: dict[str, float] = {}
+    probe: dict[str, Any] = {}
     start = time.perf_counter()
     try:
-        volume = read_volume(path)
+        with _timed(stages, "read_s"):
+            volume = read_volume(path)
         stamp = output_stamp(target)
         if stamp is not None and stamp != stale:
             row = _row_from_output(volume, case, target, model)
             row["status"] = "ok (written by an earlier attempt)"
         else:
-            net_contract_name, _ = cached_model(model)
-            row = segment_case(volume, case, Path(outdir), net_contract_name, device, mode, quiet=True)
+            with _timed(stages, "load_s"):
+                net_contract_name, _ = cached_model(model)
+            row = _segment_and_write(volume, case, Path(outdir), net_contract_name, device, mode, stages, probe)
     except Exception as exc:  # a bad case is reported; the other cases go on
         row = {"case": case, "status": f"failed: {exc}", "seconds": round(time.perf_counter() - start, 3)}
-    row["worker"] = where
+    stages["case_s"] = time.perf_counter() - start
+    row.update(_diagnostics(worker, where, row.get("device", ""), stages, probe))
     return row

@@ -9,7 +9,6 @@ Pipeline: validate -> reorient to the model's orientation -> resample to its wor
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,10 +21,11 @@ import torch.nn as nn
 from ..io.volume import Geometry, Volume
 from ..models.registry import InputContract, ModelSpec, get_model_spec
 from .errors import SegmentationCancelled, SegmentationInputError
-from .planner import ACTIVATION_BYTES_PER_VOXEL, TilePredictor, choose_device, free_memory_bytes, physical_cores, plan_batch_size
+from .planner import ACTIVATION_BYTES_PER_VOXEL, TilePredictor, choose_device, free_memory_bytes, inference_threads, plan_batch_size
 from .postprocessing import Postprocess, apply_postprocess
 from .preprocessing import normalize, plan_orientation, resample_linear, working_shape
-from .sliding_window import sliding_window, tile_for
+from .sliding_window import sliding_window, tile_for, tile_with_slack
+from .to_source import SourceGridResult, to_source_grid
 
 __all__ = ["segment", "SegmentationResult", "resolve_model", "DEFAULT_OVERLAP", "FAST_SPACING_FACTOR", "STAGES"]
 
@@ -235,21 +235,18 @@ def _forward_fn(net: nn.Module, contract: InputContract, precision: str) -> Call
     return forward
 
 
-def _argmax_entropy(
-    probs: np.ndarray, cancel: Callable[[], None] = lambda: None, slab: int = 16
-) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (uint8/uint16) and normalised entropy (float16) of (C, z, y, x) probabilities, in z slabs."""
-    c = probs.shape[0]
-    labels = np.empty(probs.shape[1:], dtype=np.uint8 if c <= 256 else np.uint16)
-    entropy = np.empty(probs.shape[1:], dtype=np.float16)
-    scale = 1.0 / math.log(c) if c > 1 else 0.0
-    for z0 in range(0, probs.shape[1], slab):
-        cancel()
-        p = probs[:, z0 : z0 + slab].astype(np.float32)
-        labels[z0 : z0 + slab] = np.argmax(p, axis=0)
-        h = -np.sum(p * np.log(np.clip(p, 1e-12, None)), axis=0) * scale
-        entropy[z0 : z0 + slab] = np.clip(h, 0.0, 1.0)
-    return labels, entropy
+def _to_source(probs: np.ndarray, shape: tuple[int, int, int], scale: tuple[float, float, float],
+               device: torch.device, keep: bool, cancel: Callable[[], None], progress: Callable[[float], None],
+               warn: Callable[[str], None]) -> SourceGridResult:
+    """:func:`to_source_grid` on ``device``; on CUDA out-of-memory, again on the CPU (with a warning)."""
+    try:
+        return to_source_grid(probs, shape, scale, device, keep, cancel, progress)
+    except torch.OutOfMemoryError:
+        if device.type == "cpu":
+            raise
+        torch.cuda.empty_cache()
+        warn("out of GPU memory while resampling back to the scan's grid; finished on the CPU")
+        return to_source_grid(probs, shape, scale, torch.device("cpu"), keep, cancel, progress)
 
 
 def segment(
@@ -293,7 +290,7 @@ def segment(
     dev = choose_device(device)
     overlap = DEFAULT_OVERLAP[mode] if overlap is None else float(overlap)
 
-    with _torch_threads(physical_cores()):
+    with _torch_threads(inference_threads()):
         # --- preprocess: orientation, working spacing, normalisation
         t0 = time.perf_counter()
         report("preprocess", 0.0)
@@ -322,7 +319,8 @@ def segment(
         if contract.spatial_dims == 2:
             image = np.moveaxis(image, contract.slice_axis, 0)
         spatial = image.shape[-len(contract.patch_size):]
-        tile = tuple(contract.patch_size) if contract.pad_to_patch else tile_for(spatial, contract.patch_size, stride)
+        tile = (tile_with_slack(spatial, contract.patch_size, stride) if contract.pad_to_patch
+                else tile_for(spatial, contract.patch_size, stride))
         patch = (1, *tile) if contract.spatial_dims == 2 else tile
         bytes_per_voxel = getattr(net, "activation_bytes_per_voxel", ACTIVATION_BYTES_PER_VOXEL)
         batch = plan_batch_size(free_memory_bytes(dev), int(np.prod(patch)), dev.type, bytes_per_voxel)
@@ -352,20 +350,16 @@ def segment(
         timings["inference"] = time.perf_counter() - t0
         timings["forward"] = predictor.forward_seconds
 
-        # --- back to the scan's grid: probabilities linear, labels = argmax
+        # --- back to the scan's grid: probabilities linear, labels = argmax (on the inference device)
         t0 = time.perf_counter()
-        if same_grid:
-            source_probs = probs.astype(np.float16)
-        else:
-            source_probs = np.empty((contract.num_classes, *orientation.shape), dtype=np.float16)
-            for c in range(contract.num_classes):
-                resample_linear(probs[c], work_geometry, grid, orientation.shape, out=source_probs[c], cancel=check)
-                report("resample", 0.8 * (c + 1) / contract.num_classes)
+        scale = tuple(float(s) / float(w) for s, w in zip(grid.spacing_zyx, work_geometry.spacing_zyx))
+        back = _to_source(probs, orientation.shape, scale, predictor.device, return_probabilities, raise_if_cancelled,
+                          lambda f: report("resample", 0.9 * f), warnings.append)
         del probs
-        labels, uncertainty = _argmax_entropy(source_probs, raise_if_cancelled)
-        labels = np.ascontiguousarray(orientation.undo(labels))
-        uncertainty = np.ascontiguousarray(orientation.undo(uncertainty))
-        source_probs = np.ascontiguousarray(orientation.undo(source_probs)) if return_probabilities else None
+        labels = np.ascontiguousarray(orientation.undo(back.labels))
+        uncertainty = np.ascontiguousarray(orientation.undo(back.uncertainty))
+        source_probs = np.ascontiguousarray(orientation.undo(back.probabilities)) if return_probabilities else None
+        del back
         report("resample", 1.0)
         timings["resample"] = time.perf_counter() - t0
 

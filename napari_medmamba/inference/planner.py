@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -13,6 +14,8 @@ __all__ = [
     "choose_device",
     "free_memory_bytes",
     "plan_batch_size",
+    "THREADS_ENV",
+    "inference_threads",
     "physical_cores",
     "TilePredictor",
 ]
@@ -55,6 +58,22 @@ def plan_batch_size(
 def physical_cores() -> int:
     """Number of physical CPU cores (logical count when unknown)."""
     return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+THREADS_ENV = "MEDMAMBA_NUM_THREADS"
+"""Environment variable capping the CPU threads of one ``segment()`` call (shared machines, batch workers)."""
+
+
+def inference_threads() -> int:
+    """Intra-op threads for one ``segment()`` call: one per physical core, at most ``$MEDMAMBA_NUM_THREADS``."""
+    cores = physical_cores()
+    cap = os.environ.get(THREADS_ENV, "").strip()
+    if not cap:
+        return cores
+    try:
+        return max(1, min(cores, int(cap)))
+    except ValueError:
+        raise ValueError(f"{THREADS_ENV}={cap!r} is not a whole number of threads") from None
 
 
 class TilePredictor:

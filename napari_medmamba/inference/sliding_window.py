@@ -14,7 +14,7 @@ import torch
 
 from .errors import SegmentationCancelled
 
-__all__ = ["gaussian_importance", "sliding_window", "tile_for", "tile_grid", "tile_starts"]
+__all__ = ["TILE_SLACK", "gaussian_importance", "sliding_window", "tile_for", "tile_grid", "tile_starts", "tile_with_slack"]
 
 
 def gaussian_importance(patch_size: tuple[int, ...], sigma_scale: float = 0.125) -> torch.Tensor:
@@ -94,6 +94,20 @@ def sliding_window(
             progress(done / len(tiles))
     probs /= norm
     return probs[(slice(None), *(slice(0, s) for s in spatial))].contiguous()
+
+
+TILE_SLACK = 0.25
+"""A volume at most this fraction larger than the patch along an axis runs as one grown tile along it."""
+
+
+def tile_with_slack(shape: Sequence[int], patch: Sequence[int], stride: int = 1,
+                    slack: float = TILE_SLACK) -> tuple[int, ...]:
+    """``patch``, grown to ``shape`` (rounded up to ``stride``) along axes that exceed it by at most ``slack``.
+
+    A volume a few voxels larger than the patch then runs as one tile (about 1.1x the work) instead of two
+    overlapping windows (2x). Used for models padded to their full patch (``pad_to_patch=True``).
+    """
+    return tuple(-(-int(n) // stride) * stride if p < n <= p * (1 + slack) else int(p) for n, p in zip(shape, patch))
 
 
 def tile_for(shape: Sequence[int], patch: Sequence[int], stride: int = 1) -> tuple[int, ...]:

@@ -9,11 +9,14 @@ single full-resolution output (no deep supervision). Every input axis must be di
 
 from __future__ import annotations
 
+from typing import Iterator, Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from .mamba import Mamba
+from .mamba import Mamba, channels_first_layer_norm, channels_first_linear
 
 __all__ = ["LightMUNet", "MambaLayer", "ResMambaBlock", "ResUpBlock"]
 
@@ -42,7 +45,16 @@ def dwconv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: 
 
 
 class MambaLayer(nn.Module):
-    """Tokens of a feature map -> LayerNorm -> Mamba + scaled skip -> LayerNorm -> Linear."""
+    """Tokens of a feature map -> LayerNorm -> Mamba + scaled skip -> LayerNorm -> Linear.
+
+    ``checkpointing`` (a plain attribute, not in the state dict): None, or how activation checkpointing
+    recomputes this layer in backward instead of keeping its activations (training with grad only):
+    ``"layer"`` keeps only the input and reruns the whole layer, selective scan included; ``"cheap"``
+    reruns only the memory-bound parts around the scan (norm, in_proj, conv1d, SiLU, x_proj, dt_proj;
+    out_proj, skip, norm, proj) and keeps the scan's inputs and output.
+    """
+
+    CHECKPOINT_MODES = ("layer", "cheap")
 
     def __init__(self, input_dim: int, output_dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2) -> None:
         super().__init__()
@@ -52,16 +64,43 @@ class MambaLayer(nn.Module):
         self.mamba = Mamba(d_model=input_dim, d_state=d_state, d_conv=d_conv, expand=expand)
         self.proj = nn.Linear(input_dim, output_dim)
         self.skip_scale = nn.Parameter(torch.ones(1))
+        self.checkpointing: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float16:
             x = x.float()
+        mode = self.checkpointing if self.training and torch.is_grad_enabled() else None
+        if mode == "layer":  # no random ops in here: the RNG state need not be kept for the rerun
+            return checkpoint(self._forward, x, use_reentrant=False, preserve_rng_state=False)
+        if mode == "cheap":
+            return self._forward_cheap_checkpointed(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
         dims = x.shape[2:]
-        flat = x.reshape(b, c, -1).transpose(1, 2)
-        y = self.mamba(self.norm(flat)) + self.skip_scale * flat
-        y = self.proj(self.norm(y))
-        return y.transpose(1, 2).reshape(b, self.output_dim, *dims)
+        flat = x.reshape(b, c, -1)  # channels-first tokens (B, C, L): a view, no transposed copies
+        y = self.mamba.forward_channels_first(channels_first_layer_norm(self.norm, flat)) + self.skip_scale * flat
+        y = channels_first_linear(self.proj, channels_first_layer_norm(self.norm, y))
+        return y.reshape(b, self.output_dim, *dims)
+
+    def _scan_inputs(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        u, delta, B, C, z = self.mamba.scan_inputs(channels_first_layer_norm(self.norm, flat))
+        return u, delta, B, C, z.contiguous()  # a view would keep all of in_proj's output alive for the scan
+
+    def _after_scan(self, y: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        y = channels_first_linear(self.mamba.out_proj, y) + self.skip_scale * flat
+        return channels_first_linear(self.proj, channels_first_layer_norm(self.norm, y))
+
+    def _forward_cheap_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+        """``_forward`` with the parts before and after the scan checkpointed (same values)."""
+        b, c = x.shape[:2]
+        dims = x.shape[2:]
+        flat = x.reshape(b, c, -1)
+        scan_in = checkpoint(self._scan_inputs, flat, use_reentrant=False, preserve_rng_state=False)
+        y = checkpoint(self._after_scan, self.mamba.scan(*scan_in), flat, use_reentrant=False,
+                       preserve_rng_state=False)
+        return y.reshape(b, self.output_dim, *dims)
 
 
 def mamba_layer(spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
@@ -154,6 +193,48 @@ class LightMUNet(nn.Module):
                                         dwconv(spatial_dims, init_filters, out_channels, kernel_size=1, bias=True))
         if dropout_prob is not None:
             self.dropout = (nn.Dropout2d if spatial_dims == 2 else nn.Dropout3d)(dropout_prob)
+
+    def mamba_layers(self) -> Iterator[tuple[int, MambaLayer]]:
+        """(resolution level, layer) of every Mamba layer; level k scans tokens at 1/2^k of the input size.
+
+        The downsampling layer that opens encoder stage i > 0 scans at level i - 1 (it pools after); the
+        residual blocks of stage i at level i. The decoder has no Mamba layers.
+        """
+        for i, stage in enumerate(self.down_layers):
+            for j, block in enumerate(stage):
+                level = i - 1 if i > 0 and j == 0 else i
+                for m in block.modules():
+                    if isinstance(m, MambaLayer):
+                        yield level, m
+
+    def set_activation_checkpointing(self, levels: bool | int | Sequence[int] = True,
+                                     mode: str = "layer") -> "LightMUNet":
+        """Recompute the Mamba layers at these resolution levels in backward instead of storing their activations.
+
+        ``True``: levels 0 and 1 (full and half resolution, where nearly all activation memory is);
+        ``False`` / ``()``: off (the default); an int or ints: those levels. ``mode`` is
+        :class:`MambaLayer`'s ``checkpointing`` ("layer" or "cheap"). Only training-mode forwards with
+        grad enabled are affected; outputs, gradients and the state dict are unchanged. Returns ``self``.
+
+        Measured (H200, Triton scan, 3D 128^3 batch 2 bf16-autocast training step of the official-size net):
+        off 36.8 GiB peak / 872 ms; "layer" at levels 0, 1: 12.3 GiB / 1081 ms; "cheap": 22.2 GiB / 978 ms.
+        """
+        if mode not in MambaLayer.CHECKPOINT_MODES:
+            raise ValueError(f"mode must be one of {MambaLayer.CHECKPOINT_MODES}, not {mode!r}")
+        if isinstance(levels, bool):
+            chosen = {0, 1} if levels else set()
+        elif isinstance(levels, int):
+            chosen = {levels}
+        else:
+            chosen = {int(v) for v in levels}
+        for level, layer in self.mamba_layers():
+            layer.checkpointing = mode if level in chosen else None
+        return self
+
+    @property
+    def activation_checkpointing(self) -> dict[int, str]:
+        """{level: mode} of the resolution levels whose Mamba layers are checkpointed (empty when off)."""
+        return {level: layer.checkpointing for level, layer in self.mamba_layers() if layer.checkpointing}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bad = [s for s in x.shape[2:] if s % self.stride]

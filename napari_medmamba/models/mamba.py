@@ -8,16 +8,16 @@ so that :mod:`napari_medmamba.models.scan_shapes` can record the calls without r
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import ssm as _ssm
 
-__all__ = ["Mamba", "selective_scan", "scan_override", "dt_bias_init"]
+__all__ = ["Mamba", "channels_first_layer_norm", "channels_first_linear", "dt_bias_init", "scan_override",
+           "selective_scan"]
 
 _OVERRIDE: list[Callable[..., torch.Tensor]] = []
 
@@ -93,16 +93,70 @@ class Mamba(nn.Module):
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, L, d_model) -> (B, L, d_model)."""
-        batch, seqlen, _ = hidden_states.shape
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
+    def scan_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Channels-first (B, d_model, L) -> the scan's (u, delta, B, C, z): in_proj, causal depthwise conv1d,
+        SiLU, x_proj, dt_proj, all as matrix products on (B, channels, L), so no transposed copies are made.
+
+        u, delta, z are (B, d_inner, L) (z a view into in_proj's output), B and C (B, d_state, L).
+        """
+        seqlen = x.shape[-1]
+        xz = channels_first_linear(self.in_proj, x)  # (B, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
         x = self.act(self.conv1d(x)[..., :seqlen])
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, r + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, d_inner, L); bias goes in as delta_bias
+        x_dbl = channels_first_linear(self.x_proj, x)  # (B, r + 2N, L)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = _channel_mix(self.dt_proj.weight, dt)  # (B, d_inner, L); the bias goes in as delta_bias
+        return x, dt, B.contiguous(), C.contiguous(), z
+
+    def scan(self, u: torch.Tensor, delta: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             z: torch.Tensor) -> torch.Tensor:
+        """The gated selective scan of :meth:`scan_inputs`' outputs -> (B, d_inner, L)."""
         A = -torch.exp(self.A_log.float())
-        y = selective_scan(x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-                           self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        return self.out_proj(y.transpose(1, 2))
+        return selective_scan(u, delta, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+                              delta_softplus=True)
+
+    def forward_channels_first(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, d_model, L) -> (B, d_model, L): the block on channels-first tokens (a feature map's own layout)."""
+        return channels_first_linear(self.out_proj, self.scan(*self.scan_inputs(x)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model), as mamba_ssm's ``Mamba``."""
+        return self.forward_channels_first(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+
+def _no_autocast(device: torch.device):
+    """Autocast switched off on ``device`` (a no-op context where autocast does not exist, e.g. 'meta')."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else nullcontext()
+
+
+def _channel_mix(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight`` (O, I) times each (I, L) of ``x`` (B, I, L): a contiguous (B, O, L).
+
+    Explicit mm / bmm: ``torch.matmul`` would return a transposed view here, which the next op then copies.
+    """
+    if x.shape[0] == 1:
+        return torch.mm(weight, x[0]).unsqueeze(0)
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
+def channels_first_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear`` applied along dim 1 of (B, in_features, L): (B, out_features, L), one matrix product."""
+    y = _channel_mix(linear.weight, x)
+    return y if linear.bias is None else y + linear.bias.to(y.dtype)[:, None]
+
+
+def channels_first_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm`` (over the last dim of (B, L, C) tokens) applied to channels-first (B, C, L) tokens.
+
+    Means over channels are matrix-vector products (a strided reduction over dim 1 is several times
+    slower on a CPU), in two passes (mean, then the variance of the centred values). Computed in
+    float32 at least (as LayerNorm runs under autocast); float64 stays float64.
+    """
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    with _no_autocast(xf.device):  # matrix products in xf's dtype, not autocast's bf16
+        avg = xf.new_full((1, xf.shape[1]), 1.0 / xf.shape[1])
+        centred = xf - _channel_mix(avg, xf)
+        y = centred * torch.rsqrt(_channel_mix(avg, centred * centred) + norm.eps)
+        if norm.weight is not None:
+            y = torch.addcmul(norm.bias.to(xf.dtype)[:, None], y, norm.weight.to(xf.dtype)[:, None])
+    return y

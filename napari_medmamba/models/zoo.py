@@ -66,7 +66,7 @@ register(ModelSpec(
     description="LightM-UNet 3D (widths 32/64/128/256, as the official nnU-Net v2 trainer builds it); "
                 "hippocampus (anterior/posterior) on 1 mm MR.",
     weights="lightm_unet_3d_hippocampus.safetensors",
-    sha256="d4c665f031827252492a8856e7b2d207a87e1df57cb52e8a2bd003f63df720d2",
+    sha256="24119671b31c7b42e3f1de925e8b5c831bd3a47928b03566140856c37eeaf752",
     card=_card("lightm_unet_3d_hippocampus.json")))
 register(ModelSpec(
     name="lightm_unet_2d", factory=lambda: _lightm(2),
@@ -75,10 +75,13 @@ register(ModelSpec(
 register(ModelSpec(
     name="mhs_vm_2d",
     factory=lambda: MHSVM(in_chans=1, num_classes=3, depths=(2, 2, 2, 2), depths_decoder=(2, 2, 2, 1),
-                          dims=(96, 192, 384, 768), head_num=4, gfu_t=0.0, drop_path_rate=0.2),
+                          dims=(48, 96, 192, 384), head_num=4, gfu_t=0.0, drop_path_rate=0.1),
     contract=InputContract(spatial_dims=2, patch_size=(64, 64), slice_axis=0, **_MR),
-    description="MHS-VM (VM-UNet with 4-head C/X/S/Z multi-head scanning), slice by slice along z; "
-                "hippocampus on 1 mm MR."))
+    description="MHS-VM (VM-UNet with 4-head C/X/S/Z multi-head scanning, widths 48/96/192/384: half the official "
+                "96/192/384/768), slice by slice along z; hippocampus on 1 mm MR.",
+    weights="mhs_vm_2d_hippocampus.safetensors",
+    sha256="d5e2f02eaa0c5bd95193cfabd76315fbfe95cfc91ae30acf58817d6d0662332c",
+    card=_card("mhs_vm_2d_hippocampus.json")))
 register(ModelSpec(
     name="unet_3d", factory=lambda: UNet(spatial_dims=3, in_channels=1, out_channels=3, features=(32, 64, 128, 256)),
     contract=InputContract(spatial_dims=3, patch_size=_PATCH_3D, **_MR),

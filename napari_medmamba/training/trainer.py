@@ -169,7 +169,8 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
           lr: float = 2e-3, weight_decay: float = 3e-5, seed: int = 0, device: str = "auto", amp: str = "bf16",
           resume: bool = True, checkpoint_every_s: float = 60.0, log: Callable[[str], Any] = print,
           patch_size: Sequence[int] | None = None, max_steps: int | None = None, log_every_s: float = 10.0,
-          augment: AugmentConfig = AugmentConfig(), init_weights: str | Path | None = None) -> dict:
+          augment: AugmentConfig = AugmentConfig(), init_weights: str | Path | None = None,
+          activation_checkpointing: bool = False) -> dict:
     """Train ``model_name`` on the cache's training cases for ``budget_s`` seconds (or ``max_steps``).
 
     Validation cases come from ``val_ids``, else from the ``split`` JSON (default: the shipped MSD
@@ -203,6 +204,9 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
         model = load_checkpoint(init_weights, model=model).float()
         log(f"initialised from {Path(init_weights).name}")
     model = model.to(dev)
+    activation_checkpointing = activation_checkpointing and hasattr(model, "set_activation_checkpointing")
+    if activation_checkpointing:  # recompute full/half-resolution Mamba layers in backward (issue #12)
+        model.set_activation_checkpointing(True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     step, elapsed, resumed_from = 0, 0.0, None
     ckpt_path = out / "checkpoint.pt"
@@ -316,6 +320,7 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
                      "augmentation": {k: v for k, v in vars(augment).items()}, "seed": seed,
                      "non_finite_steps_skipped": skipped, "ssm_backend": resolve_backend(dev), "resumed_from_step": resumed_from,
                      "initialised_from": None if init_weights is None else Path(init_weights).name,
+                     "activation_checkpointing": bool(activation_checkpointing),
                      "torch": torch.__version__},
         "intended_use": "Research only. Not a medical device; not for clinical decisions.",
     }
@@ -343,11 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--patch-size", type=int, nargs="+", default=None)
     p.add_argument("--init-weights", default=None, help="safetensors to start from (warm restart)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute the full/half-resolution Mamba layers in backward (less memory, more time)")
     a = p.parse_args(argv)
     card = train(a.model, a.cache, a.out, budget_s=a.budget_s, split=a.split, batch_size=a.batch_size, lr=a.lr,
                  weight_decay=a.weight_decay, seed=a.seed, device=a.device, amp=a.amp, resume=not a.no_resume,
                  checkpoint_every_s=a.checkpoint_every_s, max_steps=a.max_steps, patch_size=a.patch_size,
-                 init_weights=a.init_weights,
+                 init_weights=a.init_weights, activation_checkpointing=a.activation_checkpointing,
                  log=lambda s: print(s, flush=True))
     print(json.dumps(card["validation_dice"]["per_class"]), flush=True)
     return 0

@@ -1,4 +1,6 @@
-"""Chunked selective scan in Triton (forward and backward), parallel over the sequence too.
+"""Selective scan in Triton (forward and backward): a single-launch sequential path for
+short sequences (``short.py``, L <= ``short.SHORT_L_MAX``) and a chunked path, parallel over
+the sequence too, for longer ones (routing: ``autograd.selective_scan_triton``).
 
 Importing this package never imports triton; ``is_available()`` says whether the kernels can
 run (triton importable, and a CUDA device or ``TRITON_INTERPRET=1``). Design notes and

@@ -183,16 +183,56 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+PATHS = ("auto", "short", "chunked")
+
+
+def _route(u: torch.Tensor, B: torch.Tensor, C: torch.Tensor, config: dict | None):
+    """(use the short path?, its overrides, the chunked path's overrides).
+
+    ``config["path"]``: "short", "chunked" or "auto" (default). "auto" takes the short path
+    for L <= ``short.SHORT_L_MAX`` unless ``config`` sets chunked launch parameters
+    (``ScanConfig`` fields), which only mean something to the chunked path.
+    """
+    from .short import SHORT_KEYS, SHORT_L_MAX, short_supported
+
+    cfg = dict(config or {})
+    path = str(cfg.pop("path", "auto")).lower()
+    if path not in PATHS:
+        raise ValueError(f"config['path'] must be one of {PATHS}, got {path!r}")
+    short_over = {k: cfg.pop(k) for k in SHORT_KEYS if k in cfg}
+    ok = short_supported(B, C)
+    if path == "short" and not ok:
+        raise ValueError("the short path needs B and C with the same number of groups")
+    use_short = path == "short" or (path == "auto" and ok and not cfg
+                                     and u.shape[-1] <= SHORT_L_MAX)
+    return use_short, short_over, cfg
+
+
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                           delta_softplus=False, return_last_state=False, *, config=None):
-    """mamba_ssm ``selective_scan_fn`` semantics through the chunked Triton kernels.
+    """mamba_ssm ``selective_scan_fn`` semantics through the Triton kernels.
 
-    ``config``: optional dict overriding launch parameters (see ``launch.ScanConfig``).
-    Differentiable in every tensor argument; the returned last state is not.
+    Short sequences (L <= ``short.SHORT_L_MAX``) run the single-launch sequential kernels of
+    ``short.py``, longer ones the chunked kernels. ``config``: optional dict; ``"path"``
+    forces ``"short"`` or ``"chunked"``; other keys override launch parameters (see
+    ``launch.ScanConfig`` and ``short.SHORT_KEYS``). Differentiable in every tensor argument;
+    the returned last state is not.
     """
     u, delta, A, B, C, D, z, delta_bias = _prep(u, delta, A, B, C, D, z, delta_bias)
+    use_short, short_over, config = _route(u, B, C, config)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    if use_short:
+        from .short import SelectiveScanShort, short_forward
+
+        if needs_grad:
+            return SelectiveScanShort.apply(u, delta, A, B, C, D, z, delta_bias,
+                                            bool(delta_softplus), bool(return_last_state),
+                                            short_over)
+        out, last, _, _ = short_forward(u, delta, A, B, C, D, z, delta_bias,
+                                        bool(delta_softplus), False, bool(return_last_state),
+                                        **short_over)
+        return (out, last) if return_last_state else out
     if needs_grad:
         return SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias,
                                          bool(delta_softplus), bool(return_last_state), config)

@@ -1,0 +1,94 @@
+"""Working grid -> scan grid: separable linear interpolation, labels and entropy (inference/to_source.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_medmamba.inference import to_source
+from napari_medmamba.inference.preprocessing import resample_linear
+from napari_medmamba.inference.to_source import axis_plan, to_source_grid
+from napari_medmamba.io.volume import Geometry
+
+FLIP = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _softmaxish(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    p = rng.random(shape).astype(np.float32) + 1e-3
+    return p / p.sum(0, keepdims=True)
+
+
+def test_matches_simpleitk_inside_the_grid() -> None:
+    """Inside the working grid the result is SimpleITK's linear resampling (float16 rounding apart)."""
+    rng = np.random.default_rng(0)
+    work_zyx, scan_zyx = np.array([2.5, 4.0, 4.0]), np.array([1.5, 0.8, 0.7])
+    probs = _softmaxish(rng, (4, 12, 9, 10))
+    out_shape = tuple(int(round(n * w / s)) for n, w, s in zip(probs.shape[1:], work_zyx, scan_zyx))
+    scan = Geometry(tuple(scan_zyx[::-1]), (10.0, -20.0, 5.0), FLIP)
+    work = Geometry(tuple(work_zyx[::-1]), scan.origin, scan.direction)
+    ref = np.stack([resample_linear(p, work, scan, out_shape) for p in probs])
+    res = to_source_grid(probs, out_shape, tuple(scan_zyx / work_zyx))
+    inside = [np.arange(n) * s <= m - 1 for n, s, m in zip(out_shape, scan_zyx / work_zyx, probs.shape[1:])]
+    mask = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+    assert 0.5 < mask.mean() < 1.0
+    diff = np.abs(ref - res.probabilities.astype(np.float32))
+    assert diff[:, mask].max() < 1e-3
+    # beyond the last voxel centre an axis is clamped: values stay within the data's range
+    assert res.probabilities.min() >= probs.min() - 1e-3 and res.probabilities.max() <= probs.max() + 1e-3
+
+
+def test_reproduces_linear_functions_and_clamps_edges() -> None:
+    z, y, x = np.meshgrid(np.arange(3), np.arange(4), np.arange(5), indexing="ij")
+    f = (z + 0.1 * y + 0.01 * x).astype(np.float32)
+    res = to_source_grid(np.stack([f, 2 - f]), (6, 8, 10), (0.5, 0.5, 0.5), keep_probabilities=True)
+    zo, yo, xo = np.meshgrid(np.minimum(np.arange(6) / 2, 2), np.minimum(np.arange(8) / 2, 3),
+                             np.minimum(np.arange(10) / 2, 4), indexing="ij")
+    exact = zo + 0.1 * yo + 0.01 * xo
+    np.testing.assert_allclose(res.probabilities[0].astype(np.float32), exact, atol=2e-3)
+    np.testing.assert_array_equal(res.labels, (2 - exact > exact).astype(np.uint8))
+
+
+def test_labels_entropy_and_identity() -> None:
+    rng = np.random.default_rng(1)
+    probs = _softmaxish(rng, (3, 5, 6, 7))
+    probs[:, 0, 0, 0] = [0.5, 0.5, 0.0]  # a tie: the first class wins, as np.argmax does
+    probs[:, 0, 0, 1] = [1 / 3, 1 / 3, 1 / 3]
+    probs[:, 0, 0, 2] = [0.0, 0.0, 1.0]
+    res = to_source_grid(probs, probs.shape[1:], (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(res.probabilities, probs.astype(np.float16))
+    np.testing.assert_array_equal(res.labels, np.argmax(probs, axis=0))
+    h = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(0) / np.log(3)
+    np.testing.assert_allclose(res.uncertainty.astype(np.float32), h, atol=2e-3)
+    assert res.uncertainty[0, 0, 1] == pytest.approx(1.0, abs=1e-3) and res.uncertainty[0, 0, 2] == 0
+    assert res.labels.dtype == np.uint8 and res.uncertainty.dtype == np.float16
+    assert to_source_grid(probs, probs.shape[1:], (1.0, 1.0, 1.0), keep_probabilities=False).probabilities is None
+
+
+def test_slabs_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    probs = _softmaxish(np.random.default_rng(2), (2, 7, 8, 9))
+    whole = to_source_grid(probs, (17, 20, 21), (0.4, 0.4, 0.45))
+    monkeypatch.setitem(to_source.SLAB_ELEMENTS, "cpu", 1)  # one output slice per slab
+    seen: list[float] = []
+    sliced = to_source_grid(probs, (17, 20, 21), (0.4, 0.4, 0.45), progress=seen.append)
+    np.testing.assert_array_equal(whole.probabilities, sliced.probabilities)
+    np.testing.assert_array_equal(whole.labels, sliced.labels)
+    assert len(seen) == 17 and seen == sorted(seen) and seen[-1] == 1.0
+
+
+def test_cancel_stops_between_slabs() -> None:
+    class Stop(Exception):
+        pass
+
+    def cancel() -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        to_source_grid(np.ones((2, 3, 3, 3), np.float32) / 2, (6, 6, 6), (0.5, 0.5, 0.5), cancel=cancel)
+
+
+def test_axis_plan() -> None:
+    plan = axis_plan(5, 3, 0.6)
+    np.testing.assert_array_equal(plan.lower.numpy(), [0, 0, 1, 1, 2])
+    np.testing.assert_array_equal(plan.upper.numpy(), [1, 1, 2, 2, 2])
+    np.testing.assert_allclose(plan.weight.numpy(), [0, 0.6, 0.2, 0.8, 0], atol=1e-6)
+    assert axis_plan(4, 4, 1.0).identity and not axis_plan(4, 4, 0.99).identity
