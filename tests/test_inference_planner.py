@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_medmamba.inference import segment
-from napari_medmamba.inference.planner import MAX_BATCH, TilePredictor, choose_device, free_memory_bytes, plan_batch_size
+from napari_medmamba.inference.planner import CPU_BATCH_VOXELS, MAX_BATCH, TilePredictor, choose_device, free_memory_bytes, plan_batch_size
 from napari_medmamba.io.volume import Geometry, Volume
 from test_inference_support import TinyUNet, contract
 
@@ -25,7 +25,10 @@ def test_batch_size_follows_free_memory() -> None:
     sizes = [plan_batch_size(free, patch, "cuda", bytes_per_voxel=1024) for free in (0, 2 * GIB, 8 * GIB, 64 * GIB, 10**6 * GIB)]
     assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] == MAX_BATCH["cuda"]
     assert plan_batch_size(8 * GIB, patch, "cuda", bytes_per_voxel=1024) == 2  # 4 GiB budget / 2 GiB per tile
-    assert plan_batch_size(10**6 * GIB, patch, "cpu") == MAX_BATCH["cpu"]
+    assert plan_batch_size(10**6 * GIB, 40 * 56 * 40, "cpu") == MAX_BATCH["cpu"]  # small tiles: a few per batch
+    # big tiles on a CPU: one per batch (no faster batched, gigabytes of activations)
+    assert plan_batch_size(10**6 * GIB, 64 * 128 * 128, "cpu") == 1
+    assert plan_batch_size(10**6 * GIB, 64 * 64 * 64, "cpu") == CPU_BATCH_VOXELS // (64 * 64 * 64) == 4
 
 
 def _fake_forward(calls: list[tuple[int, str]], gpu_limit: int):

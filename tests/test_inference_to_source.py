@@ -75,6 +75,19 @@ def test_slabs_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None
     assert len(seen) == 17 and seen == sorted(seen) and seen[-1] == 1.0
 
 
+@pytest.mark.parametrize("scale", [(1.0, 0.5, 0.5), (0.5, 1.0, 0.5), (0.5, 0.5, 1.0)])
+def test_an_unchanged_axis_next_to_resampled_ones(monkeypatch: pytest.MonkeyPatch, scale: tuple[float, ...]) -> None:
+    """Same spacing along one axis (e.g. z of a CT already at the working slice thickness), several slabs."""
+    monkeypatch.setitem(to_source.SLAB_ELEMENTS, "cpu", 3 * 12 * 12 * 2)
+    probs = _softmaxish(np.random.default_rng(3), (3, 10, 6, 6))
+    shape = tuple(int(round(n / s)) for n, s in zip(probs.shape[1:], scale))
+    res = to_source_grid(probs, shape, scale)
+    assert res.labels.shape == shape
+    kept = scale.index(1.0)
+    every_other = [slice(None, None, 2) if k != kept else slice(None) for k in range(3)]
+    np.testing.assert_array_equal(res.probabilities[(slice(None), *every_other)], probs.astype(np.float16))
+
+
 def test_cancel_stops_between_slabs() -> None:
     class Stop(Exception):
         pass

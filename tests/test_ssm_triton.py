@@ -103,16 +103,21 @@ def _interpreter_worker() -> None:
     print("RESULTS" + json.dumps(results))
 
 
-@pytest.fixture(scope="module")
-def interpreter_results() -> dict:
+def run_interpreter_worker(test_file: str) -> dict:
+    """Run ``test_file --interpreter-worker`` under TRITON_INTERPRET=1; the JSON it prints after 'RESULTS'."""
     if not HAS_TRITON:
         pytest.skip("triton not installed")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, "--interpreter-worker"], env=env,
+    proc = subprocess.run([sys.executable, test_file, "--interpreter-worker"], env=env,
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULTS"):])
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    return run_interpreter_worker(__file__)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_ssm_triton import make_inputs, rel_rms  # noqa: E402
+from test_ssm_triton import make_inputs, rel_rms, run_interpreter_worker  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 TOL = {"float32": 1e-5, "bfloat16": 1.5e-2, "float16": 3e-3}
@@ -129,14 +128,7 @@ def _interpreter_worker() -> None:
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
-    if not HAS_TRITON:
-        pytest.skip("triton not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, "--interpreter-worker"], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULTS"):])
+    return run_interpreter_worker(__file__)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -11,6 +11,7 @@ import torch
 
 __all__ = [
     "ACTIVATION_BYTES_PER_VOXEL",
+    "CPU_BATCH_VOXELS",
     "choose_device",
     "free_memory_bytes",
     "plan_batch_size",
@@ -25,6 +26,10 @@ ACTIVATION_BYTES_PER_VOXEL = 2048
 
 MAX_BATCH = {"cpu": 4, "cuda": 32}
 """Batching beyond a few tiles buys nothing on a CPU; on a GPU memory decides."""
+
+CPU_BATCH_VOXELS = 1 << 20
+"""On a CPU a batch stops at about a million voxels: bigger batches are no faster there and would hold
+gigabytes of activations (a 64x128x128 CT tile is already one batch)."""
 
 
 def choose_device(device: str | torch.device = "auto") -> torch.device:
@@ -52,6 +57,8 @@ def plan_batch_size(
     """Tiles per batch that fit ``fraction`` of ``free_bytes``, between 1 and the device's cap."""
     per_tile = max(1, patch_voxels * bytes_per_voxel)
     fit = int(free_bytes * fraction) // per_tile
+    if device_type == "cpu":
+        fit = min(fit, CPU_BATCH_VOXELS // max(1, patch_voxels))
     return max(1, min(MAX_BATCH.get(device_type, MAX_BATCH["cuda"]), fit))
 
 

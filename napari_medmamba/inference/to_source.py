@@ -98,10 +98,8 @@ def to_source_grid(
         cancel()
         z1 = min(nz, z0 + slab)
         lower, upper = plans[0].lower[z0:z1], plans[0].upper[z0:z1]
-        lo, hi = int(lower[0]), int(upper[-1]) + 1  # both non-decreasing
-        pz = AxisPlan(lower - lo, upper - lo, plans[0].weight[z0:z1]).to(device)
-        if plans[0].identity:
-            pz = AxisPlan(pz.lower, pz.upper, pz.weight, identity=True)
+        lo, hi = (z0, z1) if plans[0].identity else (int(lower[0]), int(upper[-1]) + 1)  # both non-decreasing
+        pz = AxisPlan(lower - lo, upper - lo, plans[0].weight[z0:z1], plans[0].identity).to(device)
         p = _interpolate(_interpolate(_interpolate(src[:, lo:hi], 1, pz), 2, plan_y), 3, plan_x)
         labels[z0:z1] = p.max(0).indices.cpu().numpy()  # first maximum on ties; much faster than argmax(0) on CPU
         h = (p * p.clamp_min(1e-12).log()).sum(0).mul_(-norm).clamp_(0.0, 1.0)

@@ -140,13 +140,18 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool, hs:
 
 
 class SelectiveScanTriton(torch.autograd.Function):
-    """Forward and backward through the Triton kernels; the last state is not differentiable."""
+    """Forward and backward through one path's Triton kernels; the last state is not differentiable.
+
+    ``kernels`` is the path's (forward, backward) pair: (:func:`scan_forward`, :func:`scan_backward`)
+    for the chunked path, (``short.short_forward``, ``short.short_backward``) for the short one.
+    """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, return_last, override):
-        out, last, hs, cfg = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, True,
-                                          return_last, **(override or {}))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hs)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, return_last, override, kernels):
+        forward_fn, ctx.backward_fn = kernels
+        out, last, saved, cfg = forward_fn(u, delta, A, B, C, D, z, delta_bias, softplus, True,
+                                           return_last, **(override or {}))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, saved)
         ctx.softplus = softplus
         ctx.cfg = cfg
         if return_last:
@@ -156,10 +161,9 @@ class SelectiveScanTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *rest):
-        u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
-        grads = scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, hs,
-                              ctx.cfg)
-        return (*grads, None, None, None)
+        u, delta, A, B, C, D, z, delta_bias, saved = ctx.saved_tensors
+        grads = ctx.backward_fn(dout, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, saved, ctx.cfg)
+        return (*grads, None, None, None, None)
 
 
 def _prep(u, delta, A, B, C, D, z, delta_bias):
@@ -223,21 +227,16 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
     if use_short:
-        from .short import SelectiveScanShort, short_forward
+        from .short import short_backward, short_forward
 
-        if needs_grad:
-            return SelectiveScanShort.apply(u, delta, A, B, C, D, z, delta_bias,
-                                            bool(delta_softplus), bool(return_last_state),
-                                            short_over)
-        out, last, _, _ = short_forward(u, delta, A, B, C, D, z, delta_bias,
-                                        bool(delta_softplus), False, bool(return_last_state),
-                                        **short_over)
-        return (out, last) if return_last_state else out
+        kernels, override = (short_forward, short_backward), short_over
+    else:
+        kernels, override = (scan_forward, scan_backward), config
     if needs_grad:
-        return SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias,
-                                         bool(delta_softplus), bool(return_last_state), config)
-    out, last, _, _ = scan_forward(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                   False, bool(return_last_state), **(config or {}))
+        return SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                         bool(return_last_state), override, kernels)
+    out, last, _, _ = kernels[0](u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), False,
+                                 bool(return_last_state), **(override or {}))
     return (out, last) if return_last_state else out
 
 

@@ -31,7 +31,7 @@ from .forward import LOG2E, _softplus
 from .launch import _sm_count, next_pow2
 
 __all__ = ["SHORT_L_MAX", "ShortConfig", "choose_short_config", "short_forward", "short_backward",
-           "SelectiveScanShort", "SHORT_KEYS"]
+           "SHORT_KEYS"]
 
 #: Sequences with L <= SHORT_L_MAX take this path (see docs/triton_scan.md): its cost is about
 #: L x (latency of one step) per program, while the chunked path pays a fixed ~0.1 ms of launches.
@@ -80,6 +80,39 @@ def choose_short_config(batch: int, dim: int, length: int, n_state: int, groups:
 
 
 @triton.jit
+def _block_indices(dim, N, dpg, nblk, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (batch b, group g, channel block j) of the grid (batch * G * nblk,), with
+    its channel offsets / masks and the state offsets / masks."""
+    pid = tl.program_id(0)
+    G = dim // dpg
+    j = pid % nblk
+    g = (pid // nblk) % G
+    b = pid // (nblk * G)
+    offs_j = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_j < dpg
+    offs_d = g * dpg + offs_j
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask2 = mask_n[:, None] & mask_d[None, :]
+    return pid, G, j, b, g, offs_j, mask_d, offs_d, offs_n, mask_n, mask2
+
+
+@triton.jit
+def _channel_constants(A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask2, s_Ad, s_An, s_D, s_bias,
+                       HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A as an (N, BLOCK_D) fp32 tile scaled by log2 e, the delta bias and D of the block's channels."""
+    A2 = tl.load(A_ptr + offs_d[None, :] * s_Ad + offs_n[:, None] * s_An, mask=mask2,
+                 other=0.0).to(tl.float32) * _LOG2E
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d * s_bias, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d * s_D, mask=mask_d, other=0.0).to(tl.float32)
+    return A2, bias, Dv
+
+
+@triton.jit
 def _short_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ck_ptr, last_ptr,
     dim, L, N, dpg, nblk, K, n_ck,
@@ -93,25 +126,10 @@ def _short_fwd_kernel(
     loaded while step t computes. Writes y (out's dtype), the state before every K-th step
     (SAVE_CK, (batch, dim, n_ck, N) fp32) and the last state (SAVE_LAST, (batch, dim, N)).
     Grid: (batch * G * nblk,), nblk = cdiv(dpg, BLOCK_D)."""
-    pid = tl.program_id(0)
-    G = dim // dpg
-    j = pid % nblk
-    g = (pid // nblk) % G
-    b = pid // (nblk * G)
-    offs_j = j * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_j < dpg
-    offs_d = g * dpg + offs_j
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mask2 = mask_n[:, None] & mask_d[None, :]
-    A2 = tl.load(A_ptr + offs_d[None, :] * s_Ad + offs_n[:, None] * s_An, mask=mask2,
-                 other=0.0).to(tl.float32) * _LOG2E
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d * s_bias, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d * s_D, mask=mask_d, other=0.0).to(tl.float32)
+    pid, G, j, b, g, offs_j, mask_d, offs_d, offs_n, mask_n, mask2 = _block_indices(
+        dim, N, dpg, nblk, BLOCK_D, BLOCK_N)
+    A2, bias, Dv = _channel_constants(A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask2,
+                                      s_Ad, s_An, s_D, s_bias, HAS_D, HAS_BIAS, BLOCK_D)
     u_p = u_ptr + b * s_ub + offs_d * s_ud
     d_p = delta_ptr + b * s_db + offs_d * s_dd
     z_p = z_ptr + b * s_zb + offs_d * s_zd
@@ -180,25 +198,10 @@ def _short_bwd_kernel(
     d_delta_bias summed over L into par (batch, dim, N + 2) = [dA | dD | d_bias]; dB and dC
     summed over the block's channels into dBC (2, batch, G, nblk, N, L) (dC at c_off).
     Same grid as the forward."""
-    pid = tl.program_id(0)
-    G = dim // dpg
-    j = pid % nblk
-    g = (pid // nblk) % G
-    b = pid // (nblk * G)
-    offs_j = j * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_j < dpg
-    offs_d = g * dpg + offs_j
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mask2 = mask_n[:, None] & mask_d[None, :]
-    A2 = tl.load(A_ptr + offs_d[None, :] * s_Ad + offs_n[:, None] * s_An, mask=mask2,
-                 other=0.0).to(tl.float32) * _LOG2E
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d * s_bias, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d * s_D, mask=mask_d, other=0.0).to(tl.float32)
+    pid, G, j, b, g, offs_j, mask_d, offs_d, offs_n, mask_n, mask2 = _block_indices(
+        dim, N, dpg, nblk, BLOCK_D, BLOCK_N)
+    A2, bias, Dv = _channel_constants(A_ptr, D_ptr, bias_ptr, offs_d, offs_n, mask_d, mask2,
+                                      s_Ad, s_An, s_D, s_bias, HAS_D, HAS_BIAS, BLOCK_D)
     u_p = u_ptr + b * s_ub + offs_d * s_ud
     d_p = delta_ptr + b * s_db + offs_d * s_dd
     z_p = z_ptr + b * s_zb + offs_d * s_zd
@@ -375,27 +378,3 @@ def short_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
             par[:, n_state].to(D.dtype) if D is not None else None,
             dz if z is not None else None,
             par[:, n_state + 1].to(delta_bias.dtype) if delta_bias is not None else None)
-
-
-class SelectiveScanShort(torch.autograd.Function):
-    """Forward and backward through the single-launch kernels; the last state is not
-    differentiable."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, return_last, override):
-        out, last, ck, cfg = short_forward(u, delta, A, B, C, D, z, delta_bias, softplus, True,
-                                           return_last, **(override or {}))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ck)
-        ctx.softplus = softplus
-        ctx.cfg = cfg
-        if return_last:
-            ctx.mark_non_differentiable(last)
-            return out, last
-        return out
-
-    @staticmethod
-    def backward(ctx, dout, *rest):
-        u, delta, A, B, C, D, z, delta_bias, ck = ctx.saved_tensors
-        grads = short_backward(dout, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ck,
-                               ctx.cfg)
-        return (*grads, None, None, None)
