@@ -576,10 +576,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     row["scan"] = str(scan_file)
     _write_summary_csv([row], args.output / "summary.csv")
     print(json.dumps(row, indent=2))
-    from .models.zoo import DEFAULT_CT_MODEL
+    from .samples import ct_hint
 
-    _stderr(f"CT: no head-and-neck CT can ship offline; run the CT model on your own scan with "
-            f"napari-medmamba segment YOUR_CT.nii.gz (or a DICOM folder) -o out --model {DEFAULT_CT_MODEL}")
+    _stderr(f"CT: {ct_hint()}")
     if args.view:
         import napari
 

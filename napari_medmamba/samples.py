@@ -14,7 +14,7 @@ import numpy as np
 
 from .io import Volume, read_volume
 
-__all__ = ["SampleInfo", "list_samples", "sample_path", "load_sample"]
+__all__ = ["SampleInfo", "ct_hint", "list_samples", "sample_path", "load_sample"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,15 @@ _SAMPLES: dict[str, SampleInfo] = {
         crop_size_mm=(36.0, 52.0, 36.0),
     ),
 }
+
+
+def ct_hint() -> str:
+    """One line on running the CT model on one's own scan: no head-and-neck CT can ship offline."""
+    from .models.zoo import DEFAULT_CT_MODEL
+
+    return (f"No head-and-neck CT ships with napari-medmamba (licences): open your own CT (NIfTI, NRRD, MHA or a "
+            f"DICOM folder) and segment it with {DEFAULT_CT_MODEL} (napari: File > Open, then Segment; command line: "
+            f"napari-medmamba segment YOUR_CT -o OUT --model {DEFAULT_CT_MODEL}).")
 
 
 def list_samples() -> list[str]:

@@ -42,7 +42,7 @@ def test_manifest_identity_and_contributions(manifest: npe2.PluginManifest) -> N
     assert set(writer.filename_extensions) == {".nii.gz", ".nii", ".nrrd", ".mha"}
     from napari_medmamba.samples import list_samples
 
-    assert [s.key for s in contributions.sample_data] == list_samples()
+    assert [s.key for s in contributions.sample_data] == [*list_samples(), "ct_open_your_own"]  # + the CT how-to entry
 
 
 def test_every_python_name_is_callable(manifest: npe2.PluginManifest) -> None:

@@ -266,3 +266,18 @@ def test_label_maps_open_as_labels_layers(tmp_path: Path) -> None:
     assert kind == "labels" and data.max() == 2
     np.testing.assert_allclose(kwargs["scale"], (2.0, 0.7, 0.5), rtol=1e-6)  # NIfTI stores float32
     assert read_layers(str(img))[0][2] == "image"
+
+
+def test_ct_sample_entry_explains_how_to_open_ones_own_ct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CT can ship offline: the sample menu's CT entry says, in one line, what to do (a notification and a
+    text-only Points layer, since napari refuses a sample without layers)."""
+    from napari.utils import notifications
+
+    shown: list[str] = []
+    monkeypatch.setattr(notifications, "show_info", shown.append)
+    viewer = ViewerModel()
+    (layer,) = viewer.open_sample(PLUGIN, "ct_open_your_own")
+    assert layer._type_string == "points" and len(layer.data) == 1 and "own CT" in layer.name
+    assert "lightm_unet_3d_hn_oar" in str(layer.text.values)  # a constant string: one value for all points
+    assert len(shown) == 1 and "\n" not in shown[0]
+    assert "lightm_unet_3d_hn_oar" in shown[0] and "DICOM" in shown[0] and "napari-medmamba segment" in shown[0]
