@@ -96,7 +96,8 @@ def test_real_dicom_series(dicom_series) -> None:
 def test_progress_is_monotonic_and_reaches_one() -> None:
     volume, _ = _oblique_sphere()
     calls: list[tuple[float, str]] = []
-    segment(volume, (TinyUNet(), contract(target_spacing=(2.0, 2.0, 2.0))), device="cpu",
+    # 8^3 patches: several tiles (a volume at most 25% over a 16^3 patch would run as one grown tile)
+    segment(volume, (TinyUNet(), contract(target_spacing=(2.0, 2.0, 2.0), patch=(8, 8, 8))), device="cpu",
             postprocess=Postprocess(largest_component=True), progress=lambda f, s: calls.append((f, s)))
     fractions = [f for f, _ in calls]
     assert fractions == sorted(fractions) and fractions[0] >= 0.0 and fractions[-1] == 1.0

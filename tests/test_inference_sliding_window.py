@@ -96,3 +96,14 @@ def test_engine_tiles_follow_the_contract_padding_policy() -> None:
         net = Recorder()
         segment(volume, (net, contract, "rec"), device="cpu", return_probabilities=False)
         assert set(net.shapes) == {expected}
+
+
+def test_tile_with_slack_grows_only_slightly_larger_axes() -> None:
+    from napari_medmamba.inference.sliding_window import tile_with_slack
+
+    patch = (40, 56, 40)
+    assert tile_with_slack((35, 51, 35), patch, 8) == patch  # smaller: padded up to the patch as trained
+    assert tile_with_slack((43, 44, 39), patch, 8) == (48, 56, 40)  # 3 voxels over: one grown tile, not two
+    assert tile_with_slack((41, 58, 32), patch, 8) == (48, 64, 40)
+    assert tile_with_slack((51, 56, 40), patch, 8) == patch  # over 25% larger: sliding window with the patch
+    assert tile_with_slack((50, 70, 50), patch, 8) == (56, 72, 56)  # exactly 25% over: still one tile

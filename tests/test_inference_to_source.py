@@ -105,3 +105,19 @@ def test_axis_plan() -> None:
     np.testing.assert_array_equal(plan.upper.numpy(), [1, 1, 2, 2, 2])
     np.testing.assert_allclose(plan.weight.numpy(), [0, 0.6, 0.2, 0.8, 0], atol=1e-6)
     assert axis_plan(4, 4, 1.0).identity and not axis_plan(4, 4, 0.99).identity
+
+
+@pytest.mark.parametrize("flip", [(True, False, False), (False, True, True), (True, True, True)])
+@pytest.mark.parametrize("scale", [(0.4, 0.5, 0.45), (1.0, 1.0, 1.0), (1.0, 0.5, 0.5)])
+def test_flips_inside_the_interpolation_equal_flipping_afterwards(monkeypatch: pytest.MonkeyPatch,
+                                                                  flip: tuple[bool, ...], scale: tuple[float, ...]) -> None:
+    """An orientation's flips undone during the interpolation: bit-identical to np.flip of the result."""
+    monkeypatch.setitem(to_source.SLAB_ELEMENTS, "cpu", 3 * 9 * 10 * 3)  # several slabs
+    probs = _softmaxish(np.random.default_rng(4), (3, 7, 5, 6))
+    shape = tuple(int(round(n / s)) for n, s in zip(probs.shape[1:], scale))
+    plain = to_source_grid(probs, shape, scale)
+    flipped = to_source_grid(probs, shape, scale, flip_zyx=flip)
+    axes = tuple(a for a in range(3) if flip[a])
+    np.testing.assert_array_equal(flipped.labels, np.flip(plain.labels, axes))
+    np.testing.assert_array_equal(flipped.uncertainty, np.flip(plain.uncertainty, axes))
+    np.testing.assert_array_equal(flipped.probabilities, np.flip(plain.probabilities, tuple(a + 1 for a in axes)))

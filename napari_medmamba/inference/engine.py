@@ -237,16 +237,16 @@ def _forward_fn(net: nn.Module, contract: InputContract, precision: str) -> Call
 
 def _to_source(probs: np.ndarray, shape: tuple[int, int, int], scale: tuple[float, float, float],
                device: torch.device, keep: bool, cancel: Callable[[], None], progress: Callable[[float], None],
-               warn: Callable[[str], None]) -> SourceGridResult:
+               warn: Callable[[str], None], flip_zyx: tuple[bool, bool, bool]) -> SourceGridResult:
     """:func:`to_source_grid` on ``device``; on CUDA out-of-memory, again on the CPU (with a warning)."""
     try:
-        return to_source_grid(probs, shape, scale, device, keep, cancel, progress)
+        return to_source_grid(probs, shape, scale, device, keep, cancel, progress, flip_zyx)
     except torch.OutOfMemoryError:
         if device.type == "cpu":
             raise
         torch.cuda.empty_cache()
         warn("out of GPU memory while resampling back to the scan's grid; finished on the CPU")
-        return to_source_grid(probs, shape, scale, torch.device("cpu"), keep, cancel, progress)
+        return to_source_grid(probs, shape, scale, torch.device("cpu"), keep, cancel, progress, flip_zyx)
 
 
 def segment(
@@ -353,12 +353,14 @@ def segment(
         # --- back to the scan's grid: probabilities linear, labels = argmax (on the inference device)
         t0 = time.perf_counter()
         scale = tuple(float(s) / float(w) for s, w in zip(grid.spacing_zyx, work_geometry.spacing_zyx))
+        flips_only = orientation.perm == (0, 1, 2)  # then the flips are undone inside the interpolation
+        flip_zyx = tuple(orientation.flip[::-1]) if flips_only else (False, False, False)
         back = _to_source(probs, orientation.shape, scale, predictor.device, return_probabilities, raise_if_cancelled,
-                          lambda f: report("resample", 0.9 * f), warnings.append)
+                          lambda f: report("resample", 0.9 * f), warnings.append, flip_zyx)
         del probs
-        labels = np.ascontiguousarray(orientation.undo(back.labels))
-        uncertainty = np.ascontiguousarray(orientation.undo(back.uncertainty))
-        source_probs = np.ascontiguousarray(orientation.undo(back.probabilities)) if return_probabilities else None
+        undo = (lambda a: a) if flips_only else (lambda a: np.ascontiguousarray(orientation.undo(a)))
+        labels, uncertainty = undo(back.labels), undo(back.uncertainty)
+        source_probs = undo(back.probabilities) if return_probabilities else None
         del back
         report("resample", 1.0)
         timings["resample"] = time.perf_counter() - t0

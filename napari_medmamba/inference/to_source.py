@@ -40,12 +40,16 @@ class AxisPlan:
         return AxisPlan(self.lower.to(device), self.upper.to(device), self.weight.to(device), self.identity)
 
 
-def axis_plan(n_out: int, n_in: int, scale: float) -> AxisPlan:
-    """Linear-interpolation plan for output index ``i`` at working coordinate ``i * scale``, clamped to the grid."""
+def axis_plan(n_out: int, n_in: int, scale: float, flip: bool = False) -> AxisPlan:
+    """Linear-interpolation plan for output index ``i`` at working coordinate ``i * scale``, clamped to the grid;
+    ``flip`` reverses the output order (output ``i`` takes what ``n_out - 1 - i`` would)."""
     x = (torch.arange(n_out, dtype=torch.float64) * float(scale)).clamp_(0.0, float(n_in - 1))
     lower = x.floor().long()
     upper = (lower + 1).clamp_(max=n_in - 1)
-    return AxisPlan(lower, upper, (x - lower).float(), identity=n_out == n_in and float(scale) == 1.0)
+    weight = (x - lower).float()
+    if flip:
+        return AxisPlan(lower.flip(0), upper.flip(0), weight.flip(0))
+    return AxisPlan(lower, upper, weight, identity=n_out == n_in and float(scale) == 1.0)
 
 
 def _interpolate(t: torch.Tensor, dim: int, plan: AxisPlan) -> torch.Tensor:
@@ -76,16 +80,18 @@ def to_source_grid(
     keep_probabilities: bool = True,
     cancel: Callable[[], None] = lambda: None,
     progress: Callable[[float], None] = lambda f: None,
+    flip_zyx: tuple[bool, bool, bool] = (False, False, False),
 ) -> SourceGridResult:
     """Interpolate (classes, z, y, x) working-grid ``probs`` to ``out_shape``; labels, entropy and probabilities.
 
     ``scale_zyx[k]`` is the scan's spacing over the working spacing along axis k (1 = same grid).
-    Runs on ``device`` slab by slab; ``cancel`` (raises to stop) is called before each slab.
+    Runs on ``device`` slab by slab; ``cancel`` (raises to stop) is called before each slab. ``flip_zyx``
+    reverses output axes as part of the interpolation (an orientation undone for free: no flipped copies).
     """
     device = torch.device(device)
     classes = probs.shape[0]
     src = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32)).to(device)
-    plans = [axis_plan(n_out, n_in, s) for n_out, n_in, s in zip(out_shape, probs.shape[1:], scale_zyx)]
+    plans = [axis_plan(n_out, n_in, s, f) for n_out, n_in, s, f in zip(out_shape, probs.shape[1:], scale_zyx, flip_zyx)]
     plan_y, plan_x = plans[1].to(device), plans[2].to(device)
     labels = np.empty(out_shape, dtype=np.uint8 if classes <= 256 else np.uint16)
     entropy = np.empty(out_shape, dtype=np.float16)
@@ -98,7 +104,7 @@ def to_source_grid(
         cancel()
         z1 = min(nz, z0 + slab)
         lower, upper = plans[0].lower[z0:z1], plans[0].upper[z0:z1]
-        lo, hi = (z0, z1) if plans[0].identity else (int(lower[0]), int(upper[-1]) + 1)  # both non-decreasing
+        lo, hi = (z0, z1) if plans[0].identity else (int(lower.min()), int(upper.max()) + 1)
         pz = AxisPlan(lower - lo, upper - lo, plans[0].weight[z0:z1], plans[0].identity).to(device)
         p = _interpolate(_interpolate(_interpolate(src[:, lo:hi], 1, pz), 2, plan_y), 3, plan_x)
         labels[z0:z1] = p.max(0).indices.cpu().numpy()  # first maximum on ties; much faster than argmax(0) on CPU
