@@ -156,3 +156,23 @@ def test_linear_scan_with_initial_state():
     for t in range(37):
         state = a[..., t, :] * state + x[..., t, :]
         torch.testing.assert_close(h[..., t, :], state, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_backward_with_small_items_for_long_rows(monkeypatch: pytest.MonkeyPatch, groups) -> None:
+    """Long rows switch the backward to at most BACKWARD_MAX_CHANNELS channels per work item: same gradients
+    (summed in another order), and the split really changes (forced here with a tiny row threshold)."""
+    from napari_medmamba.ssm import cpu
+
+    inputs = make_inputs(1, 40, 200, 16, groups, dtype=torch.float32)
+    ref = run_with_grads(selective_scan_cpu, inputs, True, False)
+    core = NumbaScanCore()
+    u, bt = inputs["u"].detach(), torch.zeros(1, groups or 1, 200, 16)
+    assert core._backward_slices(u, bt) == core._slices_for(u, bt)
+    monkeypatch.setattr(cpu, "LARGE_ROW_BYTES", 1)
+    monkeypatch.setattr(cpu, "BACKWARD_MAX_CHANNELS", 4)
+    assert core._backward_slices(u, bt) == 40 // (groups or 1) // 4
+    small = run_with_grads(selective_scan_cpu, inputs, True, False)
+    torch.testing.assert_close(small[0], ref[0], rtol=0, atol=0)  # the forward is untouched
+    for name in ref[2]:
+        torch.testing.assert_close(small[2][name], ref[2][name], rtol=1e-5, atol=1e-5, msg=name)
