@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import __version__
 
@@ -328,15 +328,28 @@ def summary_row(volume: Any, case: str, output: Path, model_name: str, device: s
     return row
 
 
-def segment_case(volume: Any, case: str, outdir: Path, model: Any, device: str, mode: str,
-                 quiet: bool) -> dict[str, Any]:
-    """Segment one scan into ``outdir/<case>_labels.nii.gz``; returns a summary row."""
+SEGMENT_STAGES = ("preprocess", "inference", "forward", "resample", "postprocess")
+"""The engine's timings that :func:`segment_case` reports as ``seg_<stage>_s``."""
+
+
+def segment_case(volume: Any, case: str, outdir: Path, model: Any, device: str, mode: str, quiet: bool,
+                 stages: dict[str, float] | None = None,
+                 progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+    """Segment one scan into ``outdir/<case>_labels.nii.gz``; returns a summary row.
+
+    ``stages`` (when given) receives the wall seconds ``segment_s`` and ``write_s`` and the engine's own
+    ``seg_<stage>_s`` timings; ``progress`` replaces the stderr progress line.
+    """
     from .inference import segment
     from .io import write_labels
 
     start = time.perf_counter()
-    result = segment(volume, model, device=device, mode=mode, progress=_StderrProgress(case, quiet))
+    result = segment(volume, model, device=device, mode=mode, progress=progress or _StderrProgress(case, quiet))
+    written = time.perf_counter()
     out = write_labels(result.labels.array, like=volume, path=outdir / f"{case}{LABEL_SUFFIX}")
+    if stages is not None:
+        stages.update(segment_s=written - start, write_s=time.perf_counter() - written)
+        stages.update({f"seg_{k}_s": result.timings[k] for k in SEGMENT_STAGES if k in result.timings})
     return summary_row(volume, case, out, result.model_name, result.device, time.perf_counter() - start,
                        result.label_names, result.labels.array)
 

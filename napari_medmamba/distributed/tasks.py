@@ -101,25 +101,6 @@ def _thread_probe(probe: dict[str, Any]) -> Callable[[float, str], None]:
     return progress
 
 
-def _segment_and_write(volume: Any, case: str, outdir: Path, model: Any, device: str, mode: str,
-                       stages: dict[str, float], probe: dict[str, Any]) -> dict[str, Any]:
-    """Segment and write one case, timing each stage; the row of :func:`napari_medmamba.cli.summary_row`."""
-    from ..cli import summary_row
-    from ..inference import segment
-    from ..io import write_labels
-
-    start = time.perf_counter()
-    with _timed(stages, "segment_s"):
-        result = segment(volume, model, device=device, mode=mode, progress=_thread_probe(probe))
-    for stage in ("preprocess", "inference", "forward", "resample", "postprocess"):
-        if stage in result.timings:
-            stages[f"seg_{stage}_s"] = result.timings[stage]
-    with _timed(stages, "write_s"):
-        out = write_labels(result.labels.array, like=volume, path=outdir / f"{case}{LABEL_SUFFIX}")
-    return summary_row(volume, case, out, result.model_name, result.device, time.perf_counter() - start,
-                       result.label_names, result.labels.array)
-
-
 def _pci_bus_id(props: Any, index: int) -> str:
     """``DDDDDDDD:BB:DD.0`` as nvidia-smi prints it; else the GPU's uuid or its physical id."""
     bus = getattr(props, "pci_bus_id", None)
@@ -175,6 +156,7 @@ def segment_path(path: str, outdir: str, case: str, model: str, device: str = "a
     the case (unreadable scan, bad input) come back as a ``failed: ...`` row, not raised.
     The row ends with the :data:`DIAGNOSTIC_COLUMNS` (worker, GPU, threads, stage seconds).
     """
+    from ..cli import segment_case
     from ..io import read_volume
 
     worker = _worker()
@@ -193,7 +175,8 @@ def segment_path(path: str, outdir: str, case: str, model: str, device: str = "a
         else:
             with _timed(stages, "load_s"):
                 net_contract_name, _ = cached_model(model)
-            row = _segment_and_write(volume, case, Path(outdir), net_contract_name, device, mode, stages, probe)
+            row = segment_case(volume, case, Path(outdir), net_contract_name, device, mode, quiet=True, stages=stages,
+                               progress=_thread_probe(probe))
     except Exception as exc:  # a bad case is reported; the other cases go on
         row = {"case": case, "status": f"failed: {exc}", "seconds": round(time.perf_counter() - start, 3)}
     stages["case_s"] = time.perf_counter() - start
