@@ -20,7 +20,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from napari_medmamba.inference import segment  # noqa: E402
+from napari_medmamba.inference import Postprocess, segment  # noqa: E402
 from napari_medmamba.inference.engine import resolve_model  # noqa: E402
 from napari_medmamba.io import read_volume  # noqa: E402
 from napari_medmamba.training.dataset import load_case_folder  # noqa: E402
@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--mode", default="accurate", choices=["accurate", "fast"])
     parser.add_argument("--limit", type=int, help="evaluate only the first N cases")
     parser.add_argument("--json", type=Path, help="also write results as JSON")
+    parser.add_argument("--largest-component", action="store_true",
+                        help="post-process: keep the largest connected component of every class (engine Postprocess)")
     args = parser.parse_args()
 
     cases = load_case_folder(args.data)
@@ -74,6 +76,7 @@ def main() -> None:
         print(f"warning: {w}", file=sys.stderr)
     model = (net, contract, name)
     classes = contract.label_names[1:]
+    post = Postprocess(largest_component=True) if args.largest_component else None
     rows = []
     for i, case in enumerate(cases):
         case_id = case.case_id
@@ -81,7 +84,7 @@ def main() -> None:
         if i == 0:  # warm-up (kernel compilation, allocator) on the first case only
             segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False)
         start = time.perf_counter()
-        result = segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False)
+        result = segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False, postprocess=post)
         seconds = time.perf_counter() - start
         pred = result.labels.array
         row = {"case": case_id, "seconds": seconds, "shape": list(volume.shape)}
@@ -95,7 +98,8 @@ def main() -> None:
         print(f"{case_id}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr)
         args.json and args.json.write_text(json.dumps(rows, indent=1))  # keep partial results
 
-    print(f"\n{name} on {len(rows)} cases of {args.data.name} ({args.mode}, {args.device}; the first call per case "
+    print(f"\n{name} on {len(rows)} cases of {args.data.name} ({args.mode}, {args.device}"
+          f"{', largest component per class' if post else ''}; the first call per case "
           "case is run once more first as a warm-up; classes a case did not contour are not scored)\n")
     print("| class | Dice mean [95% CI] | HD95 mm mean [95% CI] (median) | inference s/case median (max) |")
     print("|---|---|---|---|")
