@@ -38,6 +38,24 @@ def dicom_series(totalseg: Path) -> Path:
     return _require(totalseg / "example_ct_dicom")
 
 
+@pytest.fixture()
+def real_uid_series(dicom_series: Path, tmp_path: Path) -> tuple[Path, str, str]:
+    """A copy of the DICOM series with freshly generated study and series UIDs (the shared series carries
+    placeholder ones) and SOP UIDs taken from each file's meta header: (folder, study UID, series UID)."""
+    import pydicom
+
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    copy = tmp_path / "series"
+    copy.mkdir()
+    for file in sorted(dicom_series.iterdir()):
+        ds = pydicom.dcmread(file)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.save_as(copy / file.name)
+    return copy, study, series
+
+
 @pytest.fixture(scope="session")
 def hippocampus(shared_data: Path) -> Path:
     return _require(shared_data / "msd_hippocampus")

@@ -93,17 +93,9 @@ def test_dicom_seg_of_the_real_series(ct: Volume, tmp_path: Path) -> None:
     assert np.allclose(rgb, (20, 200, 40), atol=2)
 
 
-def test_dicom_seg_references_the_source_series_uid(dicom_series: Path, tmp_path: Path) -> None:
+def test_dicom_seg_references_the_source_series_uid(real_uid_series: tuple[Path, str, str], tmp_path: Path) -> None:
     """A copy of the series with real UIDs: the SEG references exactly those."""
-    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
-    copy = tmp_path / "series"
-    copy.mkdir()
-    for file in sorted(dicom_series.iterdir()):
-        ds = pydicom.dcmread(file)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.save_as(copy / file.name)
+    copy, study, series = real_uid_series
     ct = read_volume(copy)
     assert ct.dicom.series_instance_uid == series
     labels = _mask(ct.shape)

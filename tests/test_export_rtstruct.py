@@ -199,16 +199,8 @@ def test_slice_contours() -> None:
         slice_contours(np.ones((2, 2, 2), bool))
 
 
-def test_references_a_series_with_real_uids(dicom_series: Path, tmp_path: Path) -> None:
-    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
-    copy = tmp_path / "series"
-    copy.mkdir()
-    for file in sorted(dicom_series.iterdir()):
-        ds = pydicom.dcmread(file)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.save_as(copy / file.name)
+def test_references_a_series_with_real_uids(real_uid_series: tuple[Path, str, str], tmp_path: Path) -> None:
+    copy, study, series = real_uid_series
     scan = read_volume(copy)
     labels = np.zeros(scan.shape, np.uint8)
     labels[3:8, 200:260, 220:300] = 1
