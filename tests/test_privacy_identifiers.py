@@ -180,15 +180,21 @@ def _source_uids_in(path: Path, patient_folder: Path) -> list[str]:
     return [uid for uid in source_uids if uid.encode() in data]
 
 
+def _assert_deidentified(path: Path, patient_folder: Path) -> pydicom.Dataset:
+    """No identifier and no source UID in the file's bytes; anonymous patient module; the dataset."""
+    leaks = _found(path, NEVER + SEG_NEVER)
+    assert not leaks, leaks
+    assert not _source_uids_in(path, patient_folder)
+    ds = pydicom.dcmread(path)
+    assert str(ds.PatientName) == "ANONYMOUS" and ds.PatientID == "" and ds.get("PatientBirthDate", "") == ""
+    assert ds.PatientIdentityRemoved == "YES"
+    return ds
+
+
 def test_deidentified_dicom_seg_carries_no_identifier_and_no_source_uid(exported: dict[str, list[Path]],
                                                                        patient_folder: Path) -> None:
     (seg_path,) = exported["seg_deid"]
-    leaks = _found(seg_path, NEVER + SEG_NEVER)
-    assert not leaks, leaks
-    assert not _source_uids_in(seg_path, patient_folder)
-    seg = pydicom.dcmread(seg_path)
-    assert str(seg.PatientName) == "ANONYMOUS" and seg.PatientID == "" and seg.get("PatientBirthDate", "") == ""
-    assert seg.PatientIdentityRemoved == "YES"
+    seg = _assert_deidentified(seg_path, patient_folder)
     # still a valid SEG with the same segments and frames
     parsed = hd.seg.segread(seg_path)
     assert [parsed.get_segment_description(n).SegmentLabel for n in (1, 2)] == ["liver", "lesion"]
@@ -221,12 +227,7 @@ def test_rtstruct_copies_patient_and_study_identifiers_only(exported: dict[str, 
 def test_deidentified_rtstruct_carries_no_identifier_and_no_source_uid(exported: dict[str, list[Path]],
                                                                       patient_folder: Path) -> None:
     (rt_path,) = exported["rt_deid"]
-    leaks = _found(rt_path, NEVER + SEG_NEVER)
-    assert not leaks, leaks
-    assert not _source_uids_in(rt_path, patient_folder)
-    rt = pydicom.dcmread(rt_path)
-    assert str(rt.PatientName) == "ANONYMOUS" and rt.PatientID == "" and rt.get("PatientBirthDate", "") == ""
-    assert rt.PatientIdentityRemoved == "YES"
+    rt = _assert_deidentified(rt_path, patient_folder)
     # the same structures and contours as the identified RTSTRUCT
     plain = pydicom.dcmread(exported["rt"][0])
     assert rtstruct_roi_names(rt) == rtstruct_roi_names(plain) == NAMES
