@@ -210,3 +210,36 @@ class ProgressBridge(QObject):
     """Carries (fraction, stage) progress from a worker thread to the UI thread (queued connection)."""
 
     progress = Signal(float, str)
+
+
+class BackgroundRunMixin:
+    """Cancel and progress for a dock widget running one background job at a time.
+
+    The widget sets ``worker`` (None when idle), ``cancel_event`` (a ``threading.Event`` the job polls),
+    ``cancel_button`` and ``progress`` (a 0-1000 progress bar); ``stage_names`` maps the job's stage names
+    to the words shown.
+    """
+
+    stage_names: dict[str, str] = {}
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None  # type: ignore[attr-defined]
+
+    def cancel(self) -> None:
+        """Ask the running job to stop (it checks at its next step); nothing is saved."""
+        if not self.running:
+            return
+        self._cancel_requested()
+        self.cancel_event.set()  # type: ignore[attr-defined]
+        self.cancel_button.setEnabled(False)  # type: ignore[attr-defined]
+        self.progress.setFormat("Cancelling… %p%")  # type: ignore[attr-defined]
+
+    def _cancel_requested(self) -> None:
+        """Hook: called when Cancel is honoured, before the job is told."""
+
+    def _on_progress(self, fraction: float, stage: str) -> None:
+        if not self.running or self.cancel_event.is_set():  # type: ignore[attr-defined]
+            return
+        self.progress.setValue(int(round(1000 * fraction)))  # type: ignore[attr-defined]
+        self.progress.setFormat(f"{self.stage_names.get(stage, stage)} — %p%")  # type: ignore[attr-defined]

@@ -38,7 +38,7 @@ from ...annotation import EditLog
 from ...inference import SegmentationCancelled, segment
 from ...models import get_model_spec, list_models
 from .._layers import METADATA_KEY
-from ._common import ProgressBridge, layer_volume, notify, refill_layer_combo, session_for
+from ._common import BackgroundRunMixin, ProgressBridge, layer_volume, notify, refill_layer_combo, session_for
 from .segment import refresh_segment_models
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ def _import_dynamo_without_triton() -> None:
             del sys.modules["triton"]
 
 
-class FinetuneWidget(QWidget):
+class FinetuneWidget(BackgroundRunMixin, QWidget):
     """Dock widget: scan + corrected labels + model -> fine-tune (progress, Cancel) -> new model, re-segmented."""
 
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None) -> None:
@@ -304,10 +304,6 @@ class FinetuneWidget(QWidget):
         self.clear_button.setEnabled(n > 0 and not self.running)
 
     # ---- running -----------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self.worker is not None
-
     def _fail(self, message: str, level: str = "error") -> bool:
         self.last_outcome = "error"
         self.last_message = message
@@ -396,14 +392,6 @@ class FinetuneWidget(QWidget):
         worker.start()
         return True
 
-    def cancel(self) -> None:
-        """Stop the run (at the next training step or tile); nothing is saved."""
-        if not self.running:
-            return
-        self.cancel_event.set()
-        self.cancel_button.setEnabled(False)
-        self.progress.setFormat("Cancelling… %p%")
-
     def _set_running(self, running: bool) -> None:
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
@@ -411,12 +399,6 @@ class FinetuneWidget(QWidget):
             w.setEnabled(not running)
         self.revert_button.setEnabled(not running and self.new_name is not None)
         self.clear_button.setEnabled(not running)
-
-    def _on_progress(self, fraction: float, stage: str) -> None:
-        if not self.running or self.cancel_event.is_set():
-            return
-        self.progress.setValue(int(round(1000 * fraction)))
-        self.progress.setFormat(f"{stage} — %p%")
 
     def _on_returned(self, outcome: tuple[str, Any], labels_layer: Any) -> None:
         kind, payload = outcome

@@ -33,6 +33,7 @@ from ...io import Volume
 from ...models import default_model_name, get_model_spec, list_models
 from .._layers import METADATA_KEY, geometry_kwargs, labels_layer_data, volume_metadata
 from ._common import (
+    BackgroundRunMixin,
     SESSIONS,
     LayerSession,
     ProgressBridge,
@@ -89,8 +90,10 @@ def model_summary(name: str) -> str:
     return f"{modality} · {c.spatial_dims}D · labels: {labels} · {weights}"
 
 
-class SegmentWidget(QWidget):
+class SegmentWidget(BackgroundRunMixin, QWidget):
     """Dock widget: scan + model + device + mode -> Run (progress, Cancel) -> Labels layer."""
+
+    stage_names = STAGE_NAMES
 
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -211,10 +214,6 @@ class SegmentWidget(QWidget):
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
     # ---- running -----------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self.worker is not None
-
     def run(self) -> None:
         """Start a segmentation of the selected scan in a worker thread."""
         from napari.qt.threading import create_worker
@@ -274,26 +273,14 @@ class SegmentWidget(QWidget):
         """What ``segment`` gets as its model (the registry name)."""
         return name
 
-    def cancel(self) -> None:
-        """Ask the running segmentation to stop (it stops at the next tile or layer)."""
-        if not self.running:
-            return
-        self._cancel_requested_at = time.perf_counter()
-        self.cancel_event.set()
-        self.cancel_button.setEnabled(False)
-        self.progress.setFormat("Cancelling… %p%")
+    def _cancel_requested(self) -> None:
+        self._cancel_requested_at = time.perf_counter()  # the segmentation stops at the next tile or layer
 
     def _set_running(self, running: bool) -> None:
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
         for combo in (self.image_combo, self.model_combo, self.device_combo, self.mode_combo):
             combo.setEnabled(not running)
-
-    def _on_progress(self, fraction: float, stage: str) -> None:
-        if not self.running or self.cancel_event.is_set():
-            return
-        self.progress.setValue(int(round(1000 * fraction)))
-        self.progress.setFormat(f"{STAGE_NAMES.get(stage, stage)} — %p%")
 
     def _on_returned(self, outcome: tuple[str, Any], volume: Volume, image_name: str, model: str) -> None:
         kind, payload = outcome
