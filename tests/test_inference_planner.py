@@ -93,3 +93,17 @@ def test_segment_survives_oom_with_the_same_result() -> None:
     assert any("reduced" in w for w in result.warnings) and not reference.warnings
     np.testing.assert_array_equal(result.labels.array, reference.labels.array)
     np.testing.assert_allclose(result.probabilities, reference.probabilities, atol=1e-3)
+
+
+def test_inference_threads_honours_the_environment_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from napari_medmamba.inference.planner import THREADS_ENV, inference_threads, physical_cores
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert inference_threads() == physical_cores()
+    monkeypatch.setenv(THREADS_ENV, "1")
+    assert inference_threads() == 1
+    monkeypatch.setenv(THREADS_ENV, "999")
+    assert inference_threads() == physical_cores()  # a cap, never more than the cores
+    monkeypatch.setenv(THREADS_ENV, "two")
+    with pytest.raises(ValueError, match="MEDMAMBA_NUM_THREADS"):
+        inference_threads()

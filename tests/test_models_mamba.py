@@ -96,3 +96,23 @@ def test_scan_call_layout_and_override() -> None:
     assert seen == [((3, d, 5), (3, d, 5), (d, 8), (3, 8, 5), (3, 8, 5), (d,), (3, d, 5), (d,), True)]
     assert torch.equal(out, torch.zeros(3, 5, 16))  # zero scan output -> zero out_proj(0) without bias
     assert math.ceil(16 / 16) == m.dt_rank
+
+
+def test_channels_first_helpers_equal_torch_layers() -> None:
+    """The channels-first LayerNorm / Linear the Mamba layers use equal nn.LayerNorm / nn.Linear on tokens."""
+    from napari_medmamba.models.mamba import channels_first_layer_norm, channels_first_linear
+
+    torch.manual_seed(0)
+    norm, lin = torch.nn.LayerNorm(12), torch.nn.Linear(12, 7)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    for batch in (1, 3):  # mm and bmm paths
+        x = torch.randn(batch, 12, 50) * 3 + 5  # a large mean: the two-pass variance must stay accurate
+        ref_norm = norm(x.transpose(1, 2)).transpose(1, 2)
+        torch.testing.assert_close(channels_first_layer_norm(norm, x), ref_norm, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(channels_first_linear(lin, x), lin(x.transpose(1, 2)).transpose(1, 2),
+                                   rtol=1e-5, atol=1e-5)
+        assert channels_first_linear(lin, x).is_contiguous()
+    x64 = torch.randn(2, 12, 9, dtype=torch.float64)
+    assert channels_first_layer_norm(norm.double(), x64).dtype == torch.float64
