@@ -37,7 +37,19 @@ CASES = {
     "bf16_chunks": dict(shape=(2, 4, 50, 4), dtype="bfloat16", cfg=dict(T=16, chunk_tiles=1)),
     "fp16_ragged": dict(shape=(1, 4, 37, 4), dtype="float16", z=False,
                         cfg=dict(T=16, chunk_tiles=2)),
+    # u, delta, z, B, C as channel slices of wider tensors (batch stride != dim * L), batch 2: the layout of
+    # the channels-first Mamba layer; the gradients must not be written with the inputs' strides
+    "strided_views_b2": dict(shape=(2, 4, 40, 4), views=True, cfg=dict(T=16, chunk_tiles=1)),
+    "strided_views_b2_short": dict(shape=(2, 4, 40, 4), views=True, cfg=dict(path="short")),
 }
+
+
+def channel_slice_leaf(x: torch.Tensor, extra: int = 3) -> torch.Tensor:
+    """``x``'s values as channels extra.. of a wider leaf tensor (batch stride (C + extra) * L)."""
+    parent = torch.zeros(x.shape[0], x.shape[1] + extra, *x.shape[2:], dtype=x.dtype)
+    with torch.no_grad():
+        parent[:, extra:] = x
+    return parent.requires_grad_(True)[:, extra:]
 
 
 def make_inputs(shape, groups=None, z=True, D=True, bias=True, softplus=True,
@@ -84,7 +96,9 @@ def _interpreter_worker() -> None:
                           case.get("D", True), case.get("bias", True), case.get("softplus", True),
                           case.get("dtype", "float32"), seed=i)
         sp = case.get("softplus", True)
-        leaves = {k: v.clone().requires_grad_(True) for k, v in ins.items() if v is not None}
+        views = ("u", "delta", "z", "B", "C") if case.get("views") else ()
+        leaves = {k: channel_slice_leaf(v) if k in views else v.clone().requires_grad_(True)
+                  for k, v in ins.items() if v is not None}
         args = {k: leaves.get(k) for k in ins}
         out, last = selective_scan_triton(**args, delta_softplus=sp, return_last_state=True,
                                           config=case.get("cfg"))

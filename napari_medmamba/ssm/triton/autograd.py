@@ -111,9 +111,10 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool, hs:
         R = _combine(E, dsum, A2, dim, n_state, True, cfg)
     else:
         R = A2  # never read: a single tile has no right carry
-    du = torch.empty_like(u)
-    ddelta = torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else A2
+    # contiguous (the kernel's layout), even where u / delta / z are strided views
+    du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=delta.device)
+    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device) if z is not None else A2
     bdb, split = cfg.bwd_block_d, cfg.bwd_split
     sub = dpg // (bdb * split)
     dA_p = torch.empty(batch, n_tiles, dim, n_state, **f32)

@@ -73,6 +73,8 @@ def _bwd_tile_grad_kernel(
 ):
     """Backward pass 3: recompute the tile's states, reverse adjoint scan, all gradients.
 
+    du, ddelta and dz are written contiguous (batch, dim, L); the inputs may have any batch/channel strides.
+
     A program covers one tile of T steps and dpg // n_split channels of one group, in SUB
     sub-blocks of BLOCK_D channels, one state column n at a time; its dB/dC partial sums over
     channels accumulate in program-private rows of (batch, n_split, G, N, L). dA, dD, d_bias partials are written per (batch, tile):
@@ -108,6 +110,9 @@ def _bwd_tile_grad_kernel(
                        mask=mask_t[None, :], other=0.0).to(tl.float32)
         dlu = dl * uu
         lane = (b * dim + offs_d) * N
+        # du, ddelta and dz are contiguous (batch, dim, L) whatever the inputs' strides (u and z are often
+        # channel slices of one in_proj output: their batch stride is not dim * L)
+        o_g = (b * dim + offs_d[:, None]) * L + t[None, :]
         has_right = (offs_d * 0 + pid_c + 1) < n_tiles
         Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
         if HAS_D:
@@ -128,8 +133,7 @@ def _bwd_tile_grad_kernel(
             sz = tl.sigmoid(zz)
             dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
             dy = dout * zz * sz
-            tl.store(dz_ptr + b * s_zb + offs_d[:, None] * s_zd + t[None, :],
-                     dz.to(dz_ptr.dtype.element_ty), mask=mask_t[None, :])
+            tl.store(dz_ptr + o_g, dz.to(dz_ptr.dtype.element_ty), mask=mask_t[None, :])
         gB = tl.zeros([BLOCK_D, T], dtype=tl.float32)
         gaA = tl.zeros([BLOCK_D, T], dtype=tl.float32)
         part = (b * n_tiles + pid_c) * dim + offs_d
@@ -162,10 +166,8 @@ def _bwd_tile_grad_kernel(
         if SOFTPLUS:
             ddl = ddl * tl.sigmoid(raw)
         ddl = tl.where(mask_t[None, :], ddl, 0.0)
-        tl.store(du_ptr + b * s_ub + offs_d[:, None] * s_ud + t[None, :],
-                 du.to(du_ptr.dtype.element_ty), mask=mask_t[None, :])
-        tl.store(ddelta_ptr + b * s_db + offs_d[:, None] * s_dd + t[None, :],
-                 ddl.to(ddelta_ptr.dtype.element_ty), mask=mask_t[None, :])
+        tl.store(du_ptr + o_g, du.to(du_ptr.dtype.element_ty), mask=mask_t[None, :])
+        tl.store(ddelta_ptr + o_g, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask_t[None, :])
         if HAS_D:
             tl.store(dD_ptr + part, tl.sum(dy * uu, axis=1))
         if HAS_BIAS:
