@@ -67,28 +67,36 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from napari_medmamba.inference import segment
+    from napari_medmamba.inference.engine import resolve_model
 
     vol = load(args.volume)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    result = segment(vol, args.model, device=args.device, mode=args.mode, precision=args.precision)
-    wall = time.perf_counter() - t0
+    net, contract, name, _ = resolve_model(args.model)  # "with the model loaded": loading is not timed
+    walls = []
+    for _ in range(args.runs):  # later runs: kernels compiled and caches warm, as in a napari session
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        result = segment(vol, (net, contract, name), device=args.device, mode=args.mode, precision=args.precision,
+                         return_probabilities=not args.no_probabilities)
+        walls.append(time.perf_counter() - t0)
+    wall = walls[-1]
     vram = torch.cuda.max_memory_allocated() / 2**20 if result.device.startswith("cuda") else None
     if args.labels_out:
         np.save(args.labels_out, result.labels.array)
     print(json.dumps({
         "volume": args.volume, "shape": list(vol.shape), "model": args.model, "mode": args.mode,
-        "device": result.device, "wall_s": wall, "timings": result.timings, "peak_rss_mb": _peak_rss_mb(),
+        "device": result.device, "wall_s": wall, "first_run_s": walls[0], "runs": args.runs,
+        "probabilities": not args.no_probabilities, "timings": result.timings, "peak_rss_mb": _peak_rss_mb(),
         "peak_vram_mb": vram, "overhead": result.timings["total"] / max(result.timings["forward"], 1e-9),
         "threads": torch.get_num_threads(), "warnings": result.warnings,
     }))
 
 
 def run_one(volume: str, model: str, mode: str, device: str, precision: str, timeout: float,
-            labels_out: str | None) -> dict:
+            labels_out: str | None, runs: int = 1, no_probabilities: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", "--volume", volume, "--model", model, "--mode", mode,
-           "--device", device, "--precision", precision] + (["--labels-out", labels_out] if labels_out else [])
+           "--device", device, "--precision", precision, "--runs", str(runs)]
+    cmd += (["--labels-out", labels_out] if labels_out else []) + (["--no-probabilities"] if no_probabilities else [])
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -110,18 +118,19 @@ def dice_fast_vs_accurate(fast: str, accurate: str) -> float:
 
 
 def table(rows: list[dict], dice: dict[tuple[str, str], float]) -> str:
-    head = ("| volume | shape (z, y, x) | model | mode | device | time (s) | peak RSS (GB) | peak VRAM (GB) "
-            "| forward (s) | overhead | Dice fast vs accurate |")
+    head = ("| volume | shape (z, y, x) | model | mode | device | probabilities | time (s) | first run (s) "
+            "| peak RSS (GB) | peak VRAM (GB) | forward (s) | back to source grid (s) | overhead | Dice fast vs accurate |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['volume']} | | {r['model']} | {r['mode']} | | {r['error']} | | | | | |")
+            lines.append(f"| {r['volume']} | | {r['model']} | {r['mode']} | | | {r['error']} | | | | | | | |")
             continue
         d = dice.get((r["volume"], r["model"])) if r["mode"] == "fast" else None
         vram = f"{r['peak_vram_mb'] / 1024:.2f}" if r["peak_vram_mb"] is not None else "-"
         lines.append(
             f"| {r['volume']} | {'x'.join(map(str, r['shape']))} | {r['model']} | {r['mode']} | {r['device']} "
-            f"| {r['wall_s']:.1f} | {r['peak_rss_mb'] / 1024:.2f} | {vram} | {r['timings']['forward']:.1f} "
+            f"| {'yes' if r.get('probabilities', True) else 'no'} | {r['wall_s']:.2f} | {r.get('first_run_s', r['wall_s']):.2f} "
+            f"| {r['peak_rss_mb'] / 1024:.2f} | {vram} | {r['timings']['forward']:.2f} | {r['timings']['resample']:.2f} "
             f"| {r['overhead']:.2f} | {'-' if d is None else f'{d:.3f}'} |"
         )
     return "\n".join(lines)
@@ -135,6 +144,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is stopped")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="segment() calls per process with the model loaded once; the table shows the last "
+                             "(warm: kernels compiled) and the first")
+    parser.add_argument("--no-probabilities", action="store_true",
+                        help="do not return per-class probabilities (labels and uncertainty only)")
     parser.add_argument("--dice", action="store_true", help="report Dice(fast vs accurate) (needs both modes)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -158,7 +172,8 @@ def main() -> None:
                 saved: dict[str, str] = {}
                 for mode in args.modes:
                     out = str(Path(tmp) / f"{volume}-{model}-{mode}.npy") if args.dice else None
-                    row = run_one(volume, model, mode, args.device, args.precision, args.timeout, out)
+                    row = run_one(volume, model, mode, args.device, args.precision, args.timeout, out, args.runs,
+                                  args.no_probabilities)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
                     if out and "error" not in row:

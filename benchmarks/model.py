@@ -43,6 +43,25 @@ def _net(spatial_dims: int, device: torch.device) -> torch.nn.Module:
                       blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1)).to(device)
 
 
+def load_official_factory(path: Path):
+    """``build_official(spatial_dims) -> nn.Module`` from a user's file outside this repository.
+
+    The official LightM-UNet code is never part of this project: a parity kit on the GPU machine provides a
+    file that imports it (from its own checkout, with mamba-ssm built there) and builds the network with the
+    same widths, 1 input channel and 3 classes.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("official_factory", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"{path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "build_official"):
+        raise SystemExit(f"{path}: defines no build_official(spatial_dims) function")
+    return module.build_official
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -70,10 +89,11 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 def run_case(case: str, device: torch.device, size3d: int, size2d: int, warmup: int, repeat: int,
-             checkpointing: str | None = None, levels: Sequence[int] | None = None) -> dict:
-    """One case; ``checkpointing`` (a MambaLayer mode) turns on activation checkpointing at ``levels``."""
+             checkpointing: str | None = None, levels: Sequence[int] | None = None, factory=None) -> dict:
+    """One case; ``checkpointing`` (a MambaLayer mode) turns on activation checkpointing at ``levels``;
+    ``factory(spatial_dims)`` builds another implementation (the official one) instead of ours."""
     dims = 2 if "2d" in case else 3
-    net = _net(dims, device)
+    net = _net(dims, device) if factory is None else factory(dims).to(device)
     if checkpointing:
         net.set_activation_checkpointing(True if levels is None else levels, mode=checkpointing)
     bf16 = case != "infer3d"
@@ -108,7 +128,8 @@ def run_case(case: str, device: torch.device, size3d: int, size2d: int, warmup: 
     ms, peak = _timed(step, device, warmup, repeat)
     return {"case": case, "shape": list(shape), "batch": batch, "precision": "bf16 autocast" if bf16 else "fp32",
             "ms": round(ms, 2), "peak_mib": round(peak, 1),
-            "checkpointing": _ckpt_label(net) if train else "off"}
+            "checkpointing": _ckpt_label(net) if train and factory is None else "off",
+            "impl": "ours" if factory is None else "official"}
 
 
 def _ckpt_label(net: LightMUNet) -> str:
@@ -148,6 +169,59 @@ def profile_stages(device: torch.device, size3d: int, bf16: bool, repeat: int = 
             for n, v in acc.items()]
 
 
+def profile_kernels(device: torch.device, size3d: int, train: bool, top: int, repeat: int = 3) -> list[dict]:
+    """The ``top`` operators by self device time (torch.profiler) over ``repeat`` 3D bf16 forwards (batch 1) or
+    training steps (batch 2), per call: where the time goes below the stage level."""
+    from torch.profiler import ProfilerActivity, profile
+
+    net = _net(3, device)
+    batch = 2 if train else 1
+    x = torch.randn(batch, 1, *(size3d,) * 3, device=device)
+    y = torch.randint(0, 3, (batch, *(size3d,) * 3), device=device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def step():
+        if not train:
+            with torch.inference_mode(), _autocast(device, True):
+                net.eval()(x)
+            return
+        with _autocast(device, True):
+            loss = dice_ce_loss(net.train()(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    step()
+    _sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(repeat):
+            step()
+        _sync(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1.0
+    rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [{"op": e.key[:90], "ms_per_call": round(getattr(e, key) / 1e3 / repeat, 3),
+             "calls_per_step": round(e.count / repeat, 1), "share": round(getattr(e, key) / total, 3)} for e in rows]
+
+
+def ratio_table(rows: list[dict]) -> str:
+    """Markdown rows; where the official code ran the same case, official / ours for time and peak memory."""
+    official = {r["case"]: r for r in rows if r.get("impl") == "official" and "error" not in r}
+    lines = ["| implementation | case | shape x batch | precision | act. checkpointing | ms | peak MiB "
+             "| official / ours: time | official / ours: memory |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r.get('impl', 'ours')} | {r['case']} | | | {r['checkpointing']} | {r['error']} | | | |")
+            continue
+        ref = official.get(r["case"]) if r.get("impl", "ours") == "ours" else None
+        t = f"{ref['ms'] / r['ms']:.2f}x" if ref else ""
+        m = f"{ref['peak_mib'] / r['peak_mib']:.2f}x" if ref and r["peak_mib"] == r["peak_mib"] else ""
+        lines.append(f"| {r.get('impl', 'ours')} | {r['case']} | {'x'.join(map(str, r['shape']))} x {r['batch']} "
+                     f"| {r['precision']} | {r['checkpointing']} | {r['ms']:.1f} | {r['peak_mib']:.0f} | {t} | {m} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
@@ -157,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="also time each stage of the 3D forward")
+    p.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="also list the N operators with the most device time (3D forward and training step)")
+    p.add_argument("--official", type=Path, default=None, metavar="FILE.py",
+                   help="a file (outside this repository) defining build_official(spatial_dims): the official "
+                        "network, run on every case in the same process for same-run ratios")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--checkpointing", nargs="*", default=None, choices=MambaLayer.CHECKPOINT_MODES,
                    help="also run each training case with activation checkpointing in these modes "
@@ -171,28 +250,34 @@ def main(argv: list[str] | None = None) -> int:
     modes = [] if a.checkpointing is None else (a.checkpointing or ["layer"])
     runs = [(case, None) for case in a.cases] + [(case, m) for case in a.cases if case.startswith("train")
                                                  for m in modes]
+    factory = load_official_factory(a.official) if a.official else None
+    if factory is not None:
+        runs += [(case, "official") for case in a.cases]
     rows = []
     for case, mode in runs:
+        official = mode == "official"
         try:
-            rows.append(run_case(case, device, a.size, a.size2d, a.warmup, a.repeat, mode, a.checkpoint_levels))
+            rows.append(run_case(case, device, a.size, a.size2d, a.warmup, a.repeat, None if official else mode,
+                                 a.checkpoint_levels, factory if official else None))
         except torch.OutOfMemoryError as e:
-            rows.append({"case": case, "checkpointing": mode or "off", "error": f"out of memory: {str(e)[:120]}"})
+            rows.append({"case": case, "checkpointing": "off" if official else mode or "off",
+                         "impl": "official" if official else "ours", "error": f"out of memory: {str(e)[:120]}"})
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"device {name}, torch {torch.__version__}, scan backend {resolve_backend(device)}")
-    print("| case | shape x batch | precision | act. checkpointing | ms | peak MiB |\n|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['case']} | | | {r['checkpointing']} | {r['error']} | |")
-        else:
-            print(f"| {r['case']} | {'x'.join(map(str, r['shape']))} x {r['batch']} | {r['precision']} | "
-                  f"{r['checkpointing']} | {r['ms']:.1f} | {r['peak_mib']:.0f} |")
+    print(ratio_table(rows))
     out = {"device": name, "torch": torch.__version__, "backend": resolve_backend(device), "cases": rows}
     if a.profile:
         out["stages"] = profile_stages(device, a.size, bf16=True)
         print("\n| stage (3D forward, bf16) | ms | share |\n|---|---|---|")
         for s in out["stages"]:
             print(f"| {s['stage']} | {s['ms']:.2f} | {100 * s['share']:.0f}% |")
+    for kind in (("forward", False), ("training step", True)) if a.kernels else ():
+        rows_k = profile_kernels(device, a.size, kind[1], a.kernels)
+        out[f"kernels_{kind[0].replace(' ', '_')}"] = rows_k
+        print(f"\n| operator (3D {kind[0]}, bf16, {a.size}^3) | ms per step | calls per step | share |\n|---|---|---|---|")
+        for r in rows_k:
+            print(f"| {r['op']} | {r['ms_per_call']:.2f} | {r['calls_per_step']:g} | {100 * r['share']:.1f}% |")
     if a.json:
         a.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0

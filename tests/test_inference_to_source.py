@@ -121,3 +121,17 @@ def test_flips_inside_the_interpolation_equal_flipping_afterwards(monkeypatch: p
     np.testing.assert_array_equal(flipped.labels, np.flip(plain.labels, axes))
     np.testing.assert_array_equal(flipped.uncertainty, np.flip(plain.uncertainty, axes))
     np.testing.assert_array_equal(flipped.probabilities, np.flip(plain.probabilities, tuple(a + 1 for a in axes)))
+
+
+def test_more_than_256_classes_give_uint16_labels() -> None:
+    """Labels beyond 255 survive the narrowing on the device (uint16 output, no wrap-around)."""
+    classes, shape = 300, (3, 4, 5)
+    winners = np.array([0, 255, 256, 299, 1, 298])
+    flat = np.full((classes, int(np.prod(shape))), 1e-4, dtype=np.float32)
+    for i in range(flat.shape[1]):
+        flat[winners[i % len(winners)], i] = 1.0
+    probs = (flat / flat.sum(0, keepdims=True)).reshape(classes, *shape)
+    res = to_source_grid(probs, shape, (1.0, 1.0, 1.0))
+    assert res.labels.dtype == np.uint16
+    np.testing.assert_array_equal(res.labels.ravel(), winners[np.arange(flat.shape[1]) % len(winners)])
+    assert res.probabilities.shape == (classes, *shape) and res.uncertainty.dtype == np.float16

@@ -97,6 +97,10 @@ def to_source_grid(
     label_dtype = torch.uint8 if classes <= 256 else torch.int32  # torch has no uint16 arithmetic everywhere
     entropy = np.empty(out_shape, dtype=np.float16)
     out = np.empty((classes, *out_shape), dtype=np.float16) if keep_probabilities else None
+    # torch views of the outputs: slabs are written in place (one copy from the device, dtype cast included)
+    labels_t = torch.from_numpy(labels.view(np.int16) if labels.dtype == np.uint16 else labels)
+    entropy_t = torch.from_numpy(entropy)
+    out_t = torch.from_numpy(out) if out is not None else None
     norm = 1.0 / math.log(classes) if classes > 1 else 0.0
     nz = out_shape[0]
     budget = SLAB_ELEMENTS.get(device.type, SLAB_ELEMENTS["cpu"])
@@ -110,10 +114,11 @@ def to_source_grid(
         p = _interpolate(_interpolate(_interpolate(src[:, lo:hi], 1, pz), 2, plan_y), 3, plan_x)
         # first maximum on ties; max(0) is much faster than argmax(0) on a CPU; narrowed on the device so that
         # 1 byte per voxel (not 8) crosses to the host
-        labels[z0:z1] = p.max(0).indices.to(label_dtype).cpu().numpy()
+        labels_t[z0:z1].copy_(p.max(0).indices.to(label_dtype))
         h = (p * p.clamp_min(1e-12).log()).sum(0).mul_(-norm).clamp_(0.0, 1.0)
-        entropy[z0:z1] = h.half().cpu().numpy()
-        if out is not None:
-            out[:, z0:z1] = p.half().cpu().numpy()
+        entropy_t[z0:z1].copy_(h)
+        if out_t is not None:
+            for c in range(classes):  # contiguous destination blocks: one device-to-host copy each, no temporary
+                out_t[c, z0:z1].copy_(p[c])
         progress(z1 / nz)
     return SourceGridResult(labels, entropy, out)
