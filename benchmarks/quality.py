@@ -3,7 +3,8 @@
 Prints per-case and summary rows (per-class Dice, HD95 in mm, inference seconds) as markdown.
 
     python benchmarks/quality.py --model lightm_unet_3d --data ../shared/data/msd_hippocampus \
-        --split weights/splits/msd_hippocampus.json --device cpu [--mode accurate] [--json out.json]
+        --split weights/splits/msd_hippocampus.json --device cpu [--mode accurate] [--json out.json] \
+        [--postprocess {none,recommended,largest}]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from napari_medmamba.inference import Postprocess, segment  # noqa: E402
+from napari_medmamba.inference import POSTPROCESS_CHOICES, describe_postprocess, postprocess_for, segment  # noqa: E402
 from napari_medmamba.inference.engine import resolve_model  # noqa: E402
 from napari_medmamba.io import read_volume  # noqa: E402
 from napari_medmamba.training.dataset import load_case_folder  # noqa: E402
@@ -62,8 +63,11 @@ def main() -> None:
     parser.add_argument("--mode", default="accurate", choices=["accurate", "fast"])
     parser.add_argument("--limit", type=int, help="evaluate only the first N cases")
     parser.add_argument("--json", type=Path, help="also write results as JSON")
-    parser.add_argument("--largest-component", action="store_true",
-                        help="post-process: keep the largest connected component of every class (engine Postprocess)")
+    parser.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, default="none",
+                        help="clean-up as in the CLI: recommended (the model's own, e.g. largest component of some "
+                             "organs), none, largest (largest component of every class) (default: %(default)s)")
+    parser.add_argument("--largest-component", dest="postprocess", action="store_const", const="largest",
+                        help="same as --postprocess largest")
     args = parser.parse_args()
 
     cases = load_case_folder(args.data)
@@ -76,7 +80,7 @@ def main() -> None:
         print(f"warning: {w}", file=sys.stderr)
     model = (net, contract, name)
     classes = contract.label_names[1:]
-    post = Postprocess(largest_component=True) if args.largest_component else None
+    post = postprocess_for(args.postprocess, model)
     rows = []
     for i, case in enumerate(cases):
         case_id = case.case_id
@@ -99,7 +103,7 @@ def main() -> None:
         args.json and args.json.write_text(json.dumps(rows, indent=1))  # keep partial results
 
     print(f"\n{name} on {len(rows)} cases of {args.data.name} ({args.mode}, {args.device}"
-          f"{', largest component per class' if post else ''}; the first call per case "
+          f"; clean-up {args.postprocess}: {describe_postprocess(post, contract.label_names)}; the first call per case "
           "case is run once more first as a warm-up; classes a case did not contour are not scored)\n")
     print("| class | Dice mean [95% CI] | HD95 mm mean [95% CI] (median) | inference s/case median (max) |")
     print("|---|---|---|---|")

@@ -18,6 +18,10 @@ from . import __version__
 __all__ = ["main", "build_parser"]
 
 LABEL_SUFFIX = "_labels.nii.gz"
+POSTPROCESS_CHOICES = ("recommended", "none", "largest")  # = inference.postprocessing.POSTPROCESS_CHOICES (no torch import)
+POSTPROCESS_HELP = ("label clean-up: recommended = the one measured for this model (head-and-neck CT: largest "
+                    "component of brainstem, parotids, larynx, mandible; hippocampus: none), none, or largest = "
+                    "largest component of every structure (default: %(default)s)")
 
 
 def _stderr(message: str) -> None:
@@ -57,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, default=Path("medmamba-demo"), help="output folder (default: %(default)s)")
     p.add_argument("--model", default=None, help="registered model name (default: the default model)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, default="recommended", help=POSTPROCESS_HELP)
     p.add_argument("--view", action="store_true", help="also open the result in napari (needs a display)")
     p.set_defaults(func=_cmd_demo)
 
@@ -66,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="registered model name (default: the default model)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--mode", choices=("accurate", "fast"), default="accurate")
+    p.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, default="recommended", help=POSTPROCESS_HELP)
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
@@ -307,9 +313,18 @@ def _expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return paths
 
 
+def postprocess_column(choice: str, config: Any, label_names: Sequence[str]) -> str:
+    """The summary's ``postprocess`` value: the choice and what it did, e.g. 'recommended: largest component
+    of brainstem, larynx'."""
+    from .inference.postprocessing import describe_postprocess
+
+    return choice if choice == "none" else f"{choice}: {describe_postprocess(config, label_names)}"
+
+
 def summary_row(volume: Any, case: str, output: Path, model_name: str, device: str, seconds: float,
-                label_names: Sequence[str], labels: Any) -> dict[str, Any]:
-    """One case's row of the batch summary CSV: case, status, output, shape, spacing, model, device, seconds, mL."""
+                label_names: Sequence[str], labels: Any, postprocess: str | None = None) -> dict[str, Any]:
+    """One case's row of the batch summary CSV: case, status, output, shape, spacing, model, postprocess
+    (when given, see :func:`postprocess_column`), device, seconds, mL."""
     import numpy as np
 
     counts = np.bincount(np.asarray(labels).ravel().astype(np.int64), minlength=len(label_names))
@@ -320,6 +335,7 @@ def summary_row(volume: Any, case: str, output: Path, model_name: str, device: s
         "shape": "x".join(str(s) for s in volume.shape),
         "spacing_mm": "x".join(f"{s:.4g}" for s in volume.geometry.spacing_zyx),
         "model": model_name,
+        **({} if postprocess is None else {"postprocess": postprocess}),
         "device": device,
         "seconds": round(seconds, 3),
     }
@@ -334,24 +350,29 @@ SEGMENT_STAGES = ("preprocess", "inference", "forward", "resample", "postprocess
 
 def segment_case(volume: Any, case: str, outdir: Path, model: Any, device: str, mode: str, quiet: bool,
                  stages: dict[str, float] | None = None,
-                 progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[float, str], None] | None = None,
+                 postprocess: str = "recommended") -> dict[str, Any]:
     """Segment one scan into ``outdir/<case>_labels.nii.gz``; returns a summary row.
 
     ``stages`` (when given) receives the wall seconds ``segment_s`` and ``write_s`` and the engine's own
-    ``seg_<stage>_s`` timings; ``progress`` replaces the stderr progress line.
+    ``seg_<stage>_s`` timings; ``progress`` replaces the stderr progress line. ``postprocess`` is one of
+    :data:`POSTPROCESS_CHOICES` (see ``napari_medmamba.inference.postprocessing.postprocess_for``).
     """
-    from .inference import segment
+    from .inference import postprocess_for, segment
     from .io import write_labels
 
     start = time.perf_counter()
-    result = segment(volume, model, device=device, mode=mode, progress=progress or _StderrProgress(case, quiet))
+    config = postprocess_for(postprocess, model)
+    result = segment(volume, model, device=device, mode=mode, postprocess=config,
+                     progress=progress or _StderrProgress(case, quiet))
     written = time.perf_counter()
     out = write_labels(result.labels.array, like=volume, path=outdir / f"{case}{LABEL_SUFFIX}")
     if stages is not None:
         stages.update(segment_s=written - start, write_s=time.perf_counter() - written)
         stages.update({f"seg_{k}_s": result.timings[k] for k in SEGMENT_STAGES if k in result.timings})
     return summary_row(volume, case, out, result.model_name, result.device, time.perf_counter() - start,
-                       result.label_names, result.labels.array)
+                       result.label_names, result.labels.array,
+                       postprocess=postprocess_column(postprocess, config, result.label_names))
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -381,7 +402,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                 _stderr(f"[{case}] exists, skipped (use --overwrite to redo)")
             continue
         try:
-            rows.append(segment_case(read_volume(path), case, args.output, model, args.device, args.mode, args.quiet))
+            rows.append(segment_case(read_volume(path), case, args.output, model, args.device, args.mode, args.quiet,
+                                     postprocess=args.postprocess))
         except Exception as exc:  # one bad case is reported, the rest go on
             _stderr(f"[{case}] failed: {exc}")
             rows.append({"case": case, "status": f"failed: {exc}"})
@@ -406,7 +428,7 @@ def _segment_distributed(args: argparse.Namespace, paths: list[Path]) -> int:
                                     threads_per_worker=args.threads_per_worker)
         with cluster as client:
             rows = run_batch(client, paths, args.output, name, device=args.device, mode=args.mode,
-                             overwrite=args.overwrite, log=log)
+                             overwrite=args.overwrite, log=log, postprocess=args.postprocess)
     except DistributedUnavailable as exc:
         _stderr(f"error: {exc}")
         return 2
@@ -585,7 +607,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         _stderr(f"note: model {name!r} has no trained weights shipped yet: its output is from random initial weights")
     args.output.mkdir(parents=True, exist_ok=True)
     scan_file = write_volume(volume, args.output / f"{DEMO_SAMPLE}.nii.gz")
-    row = segment_case(volume, DEMO_SAMPLE, args.output, name, args.device, "accurate", quiet=False)
+    row = segment_case(volume, DEMO_SAMPLE, args.output, name, args.device, "accurate", quiet=False,
+                       postprocess=args.postprocess)
     row["scan"] = str(scan_file)
     _write_summary_csv([row], args.output / "summary.csv")
     print(json.dumps(row, indent=2))

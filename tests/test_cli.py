@@ -124,3 +124,72 @@ def test_bench_reports_scan_and_segmentation_times(capsys) -> None:
     assert info["device"] == "cpu" and len(info["results"]) == 3
     assert all(r["seconds"] > 0 for r in info["results"])
     assert "(cpu)" in info["results"][0]["what"] and "lightm_unet_3d" in info["results"][-1]["what"]
+
+
+def _echo_net(contract):
+    """A network labelling a CT voxel k where its intensity is 100 k HU (it undoes the CT normalisation)."""
+    import torch
+
+    class EchoNet(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hu = x * contract.ct_stats[1] + contract.ct_stats[0]
+            centres = 100.0 * torch.arange(contract.num_classes, dtype=x.dtype).view(1, -1, 1, 1, 1)
+            return -(((hu - centres) / 25.0) ** 2)
+
+    return EchoNet()
+
+
+@pytest.fixture()
+def ct_organs_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A CT scan whose voxels are 100 x (organ label): a right parotid with a stray blob and a spinal cord in
+    two pieces; ``lightm_unet_3d_hn_oar`` is replaced by a network echoing those labels (its real contract,
+    small patch, no resampling)."""
+    import dataclasses
+
+    import numpy as np
+
+    from napari_medmamba import inference
+    from napari_medmamba.io import write_volume
+    from napari_medmamba.io.volume import Geometry, Volume
+    from napari_medmamba.models import get_model_spec
+
+    labels = np.zeros((24, 16, 16), np.int16)
+    labels[2:6, 2:6, 2:6] = 3  # right parotid, 64 voxels
+    labels[2:4, 12:14, 12:14] = 3  # a stray blob, 8 voxels
+    labels[8:14, 7:9, 7:9] = 2  # spinal cord, two pieces of 24 voxels
+    labels[16:22, 7:9, 7:9] = 2
+    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    scan = write_volume(Volume((100.0 * labels).astype(np.float32), geometry, modality="CT"), tmp_path / "hn.nii.gz")
+    spec = get_model_spec("lightm_unet_3d_hn_oar")
+    contract = dataclasses.replace(spec.contract, patch_size=(8, 16, 16), target_spacing=None, pad_to_patch=False)
+    monkeypatch.setattr(inference, "resolve_model", lambda name: (_echo_net(contract), contract, spec.name, []))
+    return scan
+
+
+@pytest.mark.parametrize("option, parotid, cord", [([], 64, 48), (["--postprocess", "recommended"], 64, 48),
+                                                   (["--postprocess", "none"], 72, 48),
+                                                   (["--postprocess", "largest"], 64, 24)])
+def test_segment_postprocess_option_reaches_the_engine(ct_organs_in_pieces: Path, tmp_path: Path, capsys,
+                                                       option: list[str], parotid: int, cord: int) -> None:
+    import numpy as np
+
+    out = tmp_path / "out"
+    args = ["segment", str(ct_organs_in_pieces), "-o", str(out), "--model", "lightm_unet_3d_hn_oar", "--json", "-q"]
+    assert main(args + option) == 0
+    row = json.loads(capsys.readouterr().out)["cases"][0]
+    labels = np.rint(read_volume(row["output"]).array).astype(int)
+    assert np.count_nonzero(labels == 3) == parotid and np.count_nonzero(labels == 2) == cord
+    choice = option[1] if option else "recommended"
+    assert row["postprocess"].split(":")[0] == choice
+    if choice == "recommended":  # per organ: the parotids, not the spinal cord
+        assert "right parotid" in row["postprocess"] and "spinal cord" not in row["postprocess"]
+    assert list(csv.DictReader((out / "summary.csv").open()))[0]["postprocess"] == row["postprocess"]
+
+
+def test_segment_postprocess_option_in_help_and_checked(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    assert "--postprocess {recommended,none,largest}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", "scan.nii.gz", "-o", "out", "--postprocess", "biggest"])
+    assert exit_info.value.code == 2

@@ -9,7 +9,9 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import ndimage
 
 from napari_medmamba.cli import main
 from napari_medmamba.io import read_volume
@@ -164,8 +166,8 @@ def test_workers_report_threads_gpu_and_stage_times(cases: list[Path], tmp_path:
         reader = csv.DictReader(f)
         header, rows = list(reader.fieldnames or []), list(reader)
     # existing columns first, in their order; the diagnostics after them
-    assert header[:8] == ["case", "status", "output", "shape", "spacing_mm", "model", "device", "seconds"]
-    assert all(c.endswith("_ml") for c in header[8:-len(DIAGNOSTIC_COLUMNS)])
+    assert header[:9] == ["case", "status", "output", "shape", "spacing_mm", "model", "postprocess", "device", "seconds"]
+    assert all(c.endswith("_ml") for c in header[9:-len(DIAGNOSTIC_COLUMNS)])
     assert header[-len(DIAGNOSTIC_COLUMNS):] == list(DIAGNOSTIC_COLUMNS)
     assert [r["case"] for r in json_rows] == [r["case"] for r in rows]
     for row in json_rows:
@@ -184,6 +186,27 @@ def test_workers_report_threads_gpu_and_stage_times(cases: list[Path], tmp_path:
         assert all(e >= 0 for e in engine) and sum(engine) <= row["segment_s"] + 0.01
         assert 0 < row["seg_forward_s"] <= row["seg_inference_s"] + 1e-6
     assert len({r["pid"] for r in json_rows}) <= 2
+
+
+def _recording_task(path, outdir, case, model, device, mode, stale, postprocess="recommended"):
+    """Stands in for segment_path: reports the clean-up choice it was given."""
+    return {"case": case, "status": "ok", "postprocess": postprocess}
+
+
+def test_postprocess_choice_reaches_each_task_and_the_summary(cases: list[Path], tmp_path: Path) -> None:
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        rows = run_batch(client, cases[:2], tmp_path / "a", MODEL, task=_recording_task)
+        assert [r["postprocess"] for r in rows] == ["recommended", "recommended"]
+        rows = run_batch(client, cases[:1], tmp_path / "b", MODEL, task=_recording_task, postprocess="largest")
+        assert rows[0]["postprocess"] == "largest"
+    # the real task hands the choice to the CLI's segment_case (one case, in this process)
+    case = cases[0].name[:-7]
+    row = segment_path(str(cases[0]), str(tmp_path), case, MODEL, "cpu", "fast", None, "largest")
+    assert row["status"] == "ok", row
+    assert row["postprocess"] == "largest: largest component of every class"
+    labels = np.rint(read_volume(row["output"]).array).astype(int)
+    for value in (1, 2):  # at most one connected piece per class is left
+        assert ndimage.label(labels == value, structure=np.ones((3, 3, 3)))[1] <= 1
 
 
 def _load_batch_benchmark():

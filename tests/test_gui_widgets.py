@@ -264,6 +264,42 @@ def test_responsive_and_cancel(make_napari_viewer, qtbot, dicom_series: Path) ->
     print(f"cancel latency: {1000 * seg.cancel_latency_s:.0f} ms; max stall {seg.monitor.max_stall_ms:.1f} ms")
 
 
+def test_cleanup_choice_reaches_the_engine(make_napari_viewer, qtbot, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from napari_medmamba._napari._widgets.segment import CLEANUPS, SegmentWidget
+
+    # a model whose recommended clean-up is the largest component of class 1 only (soft tissue)
+    contract = dataclasses.replace(CONTRACT, target_spacing=None, patch_size=(16, 32, 32), largest_component_classes=(1,))
+    monkeypatch.setitem(registry.REGISTRY, "cleanup_test", ModelSpec("cleanup_test", lambda: ThresholdNet(), contract, ""))
+    scan = np.full((12, 32, 32), -1000.0, np.float32)
+    scan[1:5, 2:10, 2:10] = 0.0  # soft tissue, 256 voxels
+    scan[8:10, 2:4, 2:4] = 0.0  # a stray soft-tissue blob, 8 voxels
+    scan[1:5, 20:28, 20:28] = 500.0  # bright, 256 voxels
+    scan[8:10, 28:30, 28:30] = 500.0  # a second bright piece, 8 voxels
+    viewer = make_napari_viewer()
+    viewer.add_image(scan, name="scan")
+    seg = SegmentWidget(viewer)
+    assert list(CLEANUPS) == ["Recommended for this model", "None", "Largest component, every structure"]
+    assert seg.cleanup_combo.currentText() == "Recommended for this model"  # the default
+    seg.model_combo.setCurrentText("lightm_unet_3d_hn_oar")  # the tooltip says what happens to each organ
+    tip = seg.cleanup_combo.toolTip()
+    assert "largest connected piece of brainstem, right parotid, left parotid, larynx, mandible" in tip
+    assert "spinal cord, esophagus left as predicted" in tip
+    seg.model_combo.setCurrentText("unet_3d")
+    assert "no clean-up" in seg.cleanup_combo.toolTip()
+    expected = {"Recommended for this model": (256, 264), "None": (264, 264),
+                "Largest component, every structure": (256, 256)}
+    for choice, counts in expected.items():
+        seg.cleanup_combo.setCurrentText(choice)
+        _segment(qtbot, seg, "cleanup_test")
+        assert seg.last_outcome == "done", _messages()
+        data = np.asarray(seg.last_layer.data)
+        assert (np.count_nonzero(data == 1), np.count_nonzero(data == 2)) == counts, choice
+    meta = seg.last_layer.metadata["medmamba"]["segmentation"]
+    assert meta["postprocess"] == "largest component of every class"
+
+
 def test_2d_image_is_refused(make_napari_viewer, qtbot) -> None:
     from napari_medmamba._napari._widgets.segment import SegmentWidget
 

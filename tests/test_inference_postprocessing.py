@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from napari_medmamba.inference.postprocessing import (
     Postprocess,
@@ -62,3 +63,56 @@ def test_apply_postprocess_converts_millilitres() -> None:
     cleaned = apply_postprocess(labels, Postprocess(min_island_ml=0.016), voxel_volume_ml=0.002)  # 8 voxels
     assert np.count_nonzero(cleaned == 1) == 72 and cleaned[1, 10, 10] == 0
     np.testing.assert_array_equal(apply_postprocess(labels, Postprocess(), 1.0), labels)
+
+
+def _hn_organs_in_pieces() -> np.ndarray:
+    """A right parotid (3) with a stray blob far away and a spinal cord (2) predicted in two pieces."""
+    labels = np.zeros((24, 16, 16), np.uint8)
+    labels[2:6, 2:6, 2:6] = 3  # the gland, 64 voxels
+    labels[2:4, 12:14, 12:14] = 3  # a false-positive blob, 8 voxels
+    labels[8:14, 7:9, 7:9] = 2  # the cord, upper piece (24 voxels)
+    labels[16:22, 7:9, 7:9] = 2  # lower piece (24 voxels), a gap of two slices
+    return labels
+
+
+def test_recommended_for_the_ct_model_keeps_the_largest_parotid_piece_and_the_whole_cord() -> None:
+    from napari_medmamba.inference import recommended_postprocess
+    from napari_medmamba.models import get_model_spec
+    from napari_medmamba.models.zoo import HN_OAR_LABELS
+
+    labels = _hn_organs_in_pieces()
+    for name in ("lightm_unet_3d_hn_oar", "unet_3d_hn_oar"):
+        config = recommended_postprocess(name)
+        assert config is not None and config == recommended_postprocess(get_model_spec(name))
+        kept = {HN_OAR_LABELS[c] for c in config.largest_component}
+        assert {"right parotid", "left parotid", "brainstem"} <= kept and "spinal cord" not in kept
+        out = apply_postprocess(labels, config, voxel_volume_ml=0.04)
+        assert np.count_nonzero(out == 3) == 64 and out[2, 12, 12] == 0  # the stray parotid blob is gone
+        assert np.count_nonzero(out == 2) == 48  # both pieces of the cord stay
+    # "largest component of every class" would cut the cord: why it is not the recommendation
+    assert np.count_nonzero(apply_postprocess(labels, Postprocess(largest_component=True), 0.04) == 2) == 24
+
+
+def test_no_recommended_clean_up_for_the_hippocampus_models_and_the_three_choices() -> None:
+    from napari_medmamba.cli import POSTPROCESS_CHOICES as CLI_CHOICES
+    from napari_medmamba.inference import (
+        POSTPROCESS_CHOICES,
+        describe_postprocess,
+        postprocess_for,
+        recommended_postprocess,
+    )
+    from napari_medmamba.models import get_model_spec
+
+    assert CLI_CHOICES == POSTPROCESS_CHOICES == ("recommended", "none", "largest")
+    for name in ("lightm_unet_3d", "mhs_vm_2d"):
+        assert recommended_postprocess(name) is None and postprocess_for("recommended", name) is None
+    spec = get_model_spec("lightm_unet_3d_hn_oar")
+    net_contract_name = (None, spec.contract, spec.name)  # the CLI's resolved model tuple
+    assert postprocess_for("recommended", net_contract_name) == Postprocess(largest_component=(1, 3, 4, 6, 7))
+    assert postprocess_for("none", spec) is None
+    assert postprocess_for("largest", spec) == Postprocess(largest_component=True)
+    assert describe_postprocess(postprocess_for("recommended", spec), spec.contract.label_names) == (
+        "largest component of brainstem, right parotid, left parotid, larynx, mandible")
+    assert describe_postprocess(None) == "none"
+    with pytest.raises(ValueError, match="recommended, none, largest"):
+        postprocess_for("biggest", spec)

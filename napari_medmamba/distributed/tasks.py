@@ -68,15 +68,19 @@ def output_stamp(path: str | Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
-def _row_from_output(volume: Any, case: str, target: Path, model_name: str) -> dict[str, Any]:
+def _row_from_output(volume: Any, case: str, target: Path, model_name: str,
+                     postprocess: str = "recommended") -> dict[str, Any]:
     """Summary row for an output that an earlier attempt of this run already wrote."""
-    from ..cli import summary_row
+    from ..cli import postprocess_column, summary_row
+    from ..inference.postprocessing import postprocess_for
     from ..io import read_volume
     from ..models import get_model_spec
 
     labels = read_volume(target).array
-    names = get_model_spec(model_name).contract.label_names
-    return summary_row(volume, case, target, model_name, "", 0.0, names, labels)
+    contract = get_model_spec(model_name).contract
+    names = contract.label_names
+    column = postprocess_column(postprocess, postprocess_for(postprocess, contract), names)
+    return summary_row(volume, case, target, model_name, "", 0.0, names, labels, postprocess=column)
 
 
 @contextmanager
@@ -145,7 +149,7 @@ def _diagnostics(worker: Any, where: str, device: str, stages: dict[str, float],
 
 
 def segment_path(path: str, outdir: str, case: str, model: str, device: str = "auto", mode: str = "accurate",
-                 stale: tuple[int, int] | None = None) -> dict[str, Any]:
+                 stale: tuple[int, int] | None = None, postprocess: str = "recommended") -> dict[str, Any]:
     """Segment the scan at ``path`` into ``outdir/<case>_labels.nii.gz``; return its summary row.
 
     Runs on a worker. The output is written atomically, so a worker killed mid-case leaves
@@ -155,6 +159,7 @@ def segment_path(path: str, outdir: str, case: str, model: str, device: str = "a
     died after writing, before reporting), so it is reported, not recomputed. Errors of
     the case (unreadable scan, bad input) come back as a ``failed: ...`` row, not raised.
     The row ends with the :data:`DIAGNOSTIC_COLUMNS` (worker, GPU, threads, stage seconds).
+    ``postprocess`` is the clean-up choice ('recommended', 'none', 'largest'), as in the sequential CLI.
     """
     from ..cli import segment_case
     from ..io import read_volume
@@ -170,13 +175,13 @@ def segment_path(path: str, outdir: str, case: str, model: str, device: str = "a
             volume = read_volume(path)
         stamp = output_stamp(target)
         if stamp is not None and stamp != stale:
-            row = _row_from_output(volume, case, target, model)
+            row = _row_from_output(volume, case, target, model, postprocess)
             row["status"] = "ok (written by an earlier attempt)"
         else:
             with _timed(stages, "load_s"):
                 net_contract_name, _ = cached_model(model)
             row = segment_case(volume, case, Path(outdir), net_contract_name, device, mode, quiet=True, stages=stages,
-                               progress=_thread_probe(probe))
+                               progress=_thread_probe(probe), postprocess=postprocess)
     except Exception as exc:  # a bad case is reported; the other cases go on
         row = {"case": case, "status": f"failed: {exc}", "seconds": round(time.perf_counter() - start, 3)}
     stages["case_s"] = time.perf_counter() - start

@@ -268,6 +268,9 @@ def segment(
     gets monotonic (fraction, stage) calls ending at 1.0; ``cancel`` (a callable or a
     ``threading.Event``) is honoured between tiles and inside the network's forward pass,
     raising :class:`SegmentationCancelled`. Bad input raises :class:`SegmentationInputError`.
+    ``postprocess`` cleans the label map (None: no clean-up); the clean-up measured to help a model,
+    which the CLI and the napari widget apply by default, is ``recommended_postprocess(model)``
+    (:mod:`napari_medmamba.inference.postprocessing`).
     """
     t_start = time.perf_counter()
     if mode not in DEFAULT_OVERLAP:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
 from skimage import measure
 
-__all__ = ["Postprocess", "keep_largest_component", "fill_holes", "remove_small_islands", "apply_postprocess"]
+__all__ = ["POSTPROCESS_CHOICES", "Postprocess", "keep_largest_component", "fill_holes", "remove_small_islands",
+           "apply_postprocess", "recommended_postprocess", "postprocess_for", "describe_postprocess"]
+
+POSTPROCESS_CHOICES = ("recommended", "none", "largest")
+"""What the CLI's ``--postprocess`` and the napari widget's Clean-up offer (see :func:`postprocess_for`)."""
 
 
 def _classes(labels: np.ndarray, classes: Iterable[int] | None) -> list[int]:
@@ -92,3 +96,74 @@ def apply_postprocess(
     if run:
         labels = fill_holes(labels, classes)
     return labels
+
+
+def _contract(model: Any) -> Any:
+    """The InputContract of a registry name (or stored fine-tuned model), a ModelSpec, a contract or a
+    ``(net, contract[, name])`` tuple."""
+    from ..models.registry import InputContract, ModelSpec, get_model_spec
+
+    if isinstance(model, InputContract):
+        return model
+    if isinstance(model, ModelSpec):
+        return model.contract
+    if isinstance(model, tuple) and len(model) > 1 and isinstance(model[1], InputContract):
+        return model[1]
+    if isinstance(model, str):
+        try:
+            return get_model_spec(model).contract
+        except KeyError:  # a fine-tuned model in the user's store (it inherits its base model's contract)
+            from ..training.model_store import list_finetuned, load_finetuned
+
+            if not any(m.name == model for m in list_finetuned()):
+                raise
+            return load_finetuned(model).contract
+    raise TypeError("model must be a registry name, a ModelSpec, an InputContract or (module, contract[, name])")
+
+
+def recommended_postprocess(model: Any) -> Postprocess | None:
+    """The clean-up recommended for ``model`` (its contract's ``largest_component_classes``), or None.
+
+    ``model`` is a registry name, a ModelSpec, an InputContract or a ``(net, contract[, name])`` tuple.
+    For ``lightm_unet_3d_hn_oar``: the largest component of brainstem, both parotids, larynx and mandible
+    (not the spinal cord, which may be predicted in pieces). :func:`~napari_medmamba.inference.segment`
+    does no clean-up unless asked: ``segment(scan, name, postprocess=recommended_postprocess(name))``.
+    """
+    contract = _contract(model)
+    classes = tuple(int(c) for c in contract.largest_component_classes if 0 < int(c) < contract.num_classes)
+    return Postprocess(largest_component=classes) if classes else None
+
+
+def postprocess_for(choice: str, model: Any) -> Postprocess | None:
+    """The Postprocess for a :data:`POSTPROCESS_CHOICES` entry: 'recommended' (:func:`recommended_postprocess`),
+    'none' (None) or 'largest' (largest component of every class)."""
+    if choice == "recommended":
+        return recommended_postprocess(model)
+    if choice == "none":
+        return None
+    if choice == "largest":
+        return Postprocess(largest_component=True)
+    raise ValueError(f"postprocess must be one of {', '.join(POSTPROCESS_CHOICES)}, got {choice!r}")
+
+
+def describe_postprocess(config: Postprocess | None, label_names: Sequence[str] | None = None) -> str:
+    """Words for a clean-up, e.g. 'none' or 'largest component of brainstem, larynx' (class names from
+    ``label_names`` when given, else 'classes 1, 6')."""
+
+    def which(option: bool | tuple[int, ...]) -> str:
+        if option is True:
+            return "every class"
+        if label_names is not None and all(0 < c < len(label_names) for c in option):
+            return ", ".join(label_names[c] for c in option)
+        return "classes " + ", ".join(str(c) for c in option)
+
+    if config is None:
+        return "none"
+    steps = []
+    if config.min_island_ml > 0:
+        steps.append(f"islands under {config.min_island_ml:g} mL removed")
+    if config.largest_component:
+        steps.append(f"largest component of {which(config.largest_component)}")
+    if config.fill_holes:
+        steps.append(f"holes filled in {which(config.fill_holes)}")
+    return "; ".join(steps) or "none"

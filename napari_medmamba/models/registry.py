@@ -46,6 +46,10 @@ class InputContract:
     pad_to_patch: bool = True
     """True: a volume smaller than the patch is zero-padded up to the full patch (how the shipped models were
     trained); False: tiles are capped to the volume (``sliding_window.tile_for``), as fine-tuned models train."""
+    largest_component_classes: tuple[int, ...] = ()
+    """Recommended clean-up: the classes (label values) whose largest connected component alone is kept,
+    chosen by measuring on validation cases; empty: no clean-up is recommended. Plain data, turned into an
+    engine ``Postprocess`` by ``napari_medmamba.inference.postprocessing.recommended_postprocess``."""
 
     @property
     def num_classes(self) -> int:

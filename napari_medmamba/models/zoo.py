@@ -11,8 +11,8 @@ from .mhs_vm import MHSVM
 from .registry import WEIGHTS_DIR, InputContract, ModelSpec, get_model_spec, register
 from .unet import UNet
 
-__all__ = ["ARCHITECTURES", "DEFAULT_CT_MODEL", "DEFAULT_MODEL", "HN_OAR_COLORS", "HN_OAR_LABELS", "HIPPOCAMPUS_COLORS",
-           "HIPPOCAMPUS_LABELS", "build_model", "default_model_name"]
+__all__ = ["ARCHITECTURES", "DEFAULT_CT_MODEL", "DEFAULT_MODEL", "HN_OAR_COLORS", "HN_OAR_LABELS",
+           "HN_OAR_LARGEST_COMPONENT", "HIPPOCAMPUS_COLORS", "HIPPOCAMPUS_LABELS", "build_model", "default_model_name"]
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"LightMUNet": LightMUNet, "MHSVM": MHSVM, "UNet": UNet}
 """Network classes by name (the ``arch`` entry of our safetensors metadata)."""
@@ -32,6 +32,10 @@ _CT_HN = {"in_channels": 1, "label_names": HN_OAR_LABELS, "label_colors": HN_OAR
           # 0.5/99.5 percentiles of organ voxels in 40 OpenKBP cases, then their mean/std (nnU-Net's CT scheme)
           "ct_window": (-990.0, 1550.0), "ct_stats": (152.2, 394.4)}
 _PATCH_CT = (64, 128, 128)  # 160 x 512 x 512 mm: the whole head-and-neck field of view in-plane
+HN_OAR_LARGEST_COMPONENT = (1, 3, 4, 6, 7)
+"""Recommended clean-up of the head-and-neck models: keep the largest connected component of brainstem,
+both parotids, larynx and mandible (measured on OpenKBP validation cases: parotid HD95 ~105 mm -> 14-28 mm,
+docs/training.md). Not the spinal cord (a cord predicted in pieces would lose all but one) nor the esophagus."""
 
 DEFAULT_MODEL = "lightm_unet_3d"
 """The model used when none is named (README main command, CLI, napari widget)."""
@@ -88,7 +92,8 @@ register(ModelSpec(
     description="Plain 3D U-Net baseline (widths 32/64/128/256) of a budget comparable to LightM-UNet 3D."))
 register(ModelSpec(
     name="lightm_unet_3d_hn_oar", factory=lambda: _lightm(3, len(HN_OAR_LABELS)),
-    contract=InputContract(spatial_dims=3, patch_size=_PATCH_CT, **_CT_HN),
+    contract=InputContract(spatial_dims=3, patch_size=_PATCH_CT,
+                           largest_component_classes=HN_OAR_LARGEST_COMPONENT, **_CT_HN),
     description="LightM-UNet 3D (widths 32/64/128/256); head-and-neck organs at risk on CT (OpenKBP), "
                 "2.5 x 4 x 4 mm working grid. Preliminary weights: see the model card.",
     weights="lightm_unet_3d_hn_oar.safetensors",
@@ -97,5 +102,6 @@ register(ModelSpec(
 register(ModelSpec(
     name="unet_3d_hn_oar",
     factory=lambda: UNet(spatial_dims=3, in_channels=1, out_channels=len(HN_OAR_LABELS), features=(32, 64, 128, 256)),
-    contract=InputContract(spatial_dims=3, patch_size=_PATCH_CT, **_CT_HN),
+    contract=InputContract(spatial_dims=3, patch_size=_PATCH_CT,
+                           largest_component_classes=HN_OAR_LARGEST_COMPONENT, **_CT_HN),
     description="Plain 3D U-Net baseline for the head-and-neck CT model (same recipe and budget)."))

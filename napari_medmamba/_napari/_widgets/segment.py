@@ -28,7 +28,16 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ...inference import SegmentationCancelled, SegmentationInputError, SegmentationResult, segment
+from ...inference import (
+    Postprocess,
+    SegmentationCancelled,
+    SegmentationInputError,
+    SegmentationResult,
+    describe_postprocess,
+    postprocess_for,
+    recommended_postprocess,
+    segment,
+)
 from ...io import Volume
 from ...models import default_model_name, get_model_spec, list_models
 from .._layers import METADATA_KEY, geometry_kwargs, labels_layer_data, volume_metadata
@@ -47,7 +56,7 @@ from ._common import (
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["SegmentWidget", "model_summary", "refresh_segment_models"]
+__all__ = ["SegmentWidget", "cleanup_tooltip", "model_summary", "refresh_segment_models"]
 
 LIVE_WIDGETS: weakref.WeakSet[SegmentWidget] = weakref.WeakSet()
 """Open Segment widgets (the Fine-tune widget refreshes their model lists)."""
@@ -63,12 +72,35 @@ def refresh_segment_models(select: str | None = None) -> None:
 
 DEVICES = {"Auto (GPU if available)": "auto", "CPU": "cpu", "GPU (CUDA)": "cuda"}
 MODES = {"Accurate": "accurate", "Fast (coarser grid, less overlap)": "fast"}
+CLEANUPS = {
+    "Recommended for this model": "recommended",
+    "None": "none",
+    "Largest component, every structure": "largest",
+}
+"""Clean-up choices (``napari_medmamba.inference.postprocessing.postprocess_for``)."""
 STAGE_NAMES = {
     "preprocess": "Preparing scan",
     "inference": "Running model",
     "resample": "Resampling to the scan grid",
     "postprocess": "Cleaning up",
 }
+
+
+def cleanup_tooltip(name: str) -> str:
+    """What each Clean-up choice does, organ by organ, for the registered model ``name``."""
+    names = get_model_spec(name).contract.label_names
+    recommended = recommended_postprocess(name)
+    if recommended is None:
+        advice = f"Recommended for {name}: no clean-up (every structure is kept as predicted)."
+    else:
+        kept = set(recommended.largest_component)
+        advice = (f"Recommended for {name}: keep only the largest connected piece of "
+                  f"{', '.join(names[c] for c in sorted(kept))}; "
+                  f"{', '.join(n for c, n in enumerate(names) if c and c not in kept) or 'nothing else'} "
+                  "left as predicted (a structure predicted in several pieces, like a spinal cord, "
+                  "would lose all but one).")
+    return (f"{advice}\nNone: the model's labels as they are.\nLargest component, every structure: keep only "
+            "the largest connected piece of each structure; stray blobs elsewhere become background.")
 
 
 def model_summary(name: str) -> str:
@@ -105,6 +137,8 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
         self.last_layer: Any = None
         self.last_outcome: str | None = None
         """'done', 'cancelled' or 'error' for the latest run."""
+        self.last_postprocess: Postprocess | None = None
+        """The clean-up the latest run asked the engine for (None: none)."""
         self._cancel_requested_at: float | None = None
         self.run_stall_ms: float | None = None
         """Longest event-loop stall (ms) while the latest run was in its worker thread."""
@@ -132,6 +166,8 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
         self.device_combo.addItems(list(DEVICES))
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(list(MODES))
+        self.cleanup_combo = QComboBox()
+        self.cleanup_combo.addItems(list(CLEANUPS))
 
         form = QFormLayout()
         form.addRow("Scan:", self.image_combo)
@@ -139,6 +175,7 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
         form.addRow("", self.model_card)
         form.addRow("Device:", self.device_combo)
         form.addRow("Mode:", self.mode_combo)
+        form.addRow("Clean-up:", self.cleanup_combo)
 
         self.run_button = QPushButton("Run segmentation")
         self.run_button.setStyleSheet("font-weight: bold;")
@@ -206,6 +243,7 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
         try:
             self.model_card.setText(model_summary(name))
             self.model_card.setToolTip(get_model_spec(name).description)
+            self.cleanup_combo.setToolTip(cleanup_tooltip(name))
         except KeyError as exc:
             self.model_card.setText(str(exc))
 
@@ -236,6 +274,11 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
             return
         device = DEVICES[self.device_combo.currentText()]
         mode = MODES[self.mode_combo.currentText()]
+        try:
+            postprocess = postprocess_for(CLEANUPS[self.cleanup_combo.currentText()], model)
+        except KeyError as exc:
+            notify("error", f"Cannot segment: {exc}")
+            return
         self.cancel_event = threading.Event()
         self._cancel_requested_at = None
         self.cancel_latency_s = None
@@ -252,7 +295,7 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
             # runs in the worker thread: no Qt widgets, no napari layers here
             try:
                 result = segment(
-                    volume, self._model_argument(model), device=device, mode=mode,
+                    volume, self._model_argument(model), device=device, mode=mode, postprocess=postprocess,
                     progress=lambda f, s: bridge.progress.emit(float(f), str(s)), cancel=cancel,
                 )
                 return "done", result
@@ -264,6 +307,7 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
                 return "error", f"Segmentation failed ({type(exc).__name__}): {exc}"
 
         worker = create_worker(work)
+        self.last_postprocess = postprocess
         worker.returned.connect(lambda out, v=volume, n=image.name, m=model: self._on_returned(out, v, n, m))
         worker.errored.connect(lambda exc: self._on_returned(("error", f"Segmentation failed: {exc}"), volume, image.name, model))
         self.worker = worker
@@ -279,7 +323,7 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
     def _set_running(self, running: bool) -> None:
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
-        for combo in (self.image_combo, self.model_combo, self.device_combo, self.mode_combo):
+        for combo in (self.image_combo, self.model_combo, self.device_combo, self.mode_combo, self.cleanup_combo):
             combo.setEnabled(not running)
 
     def _on_returned(self, outcome: tuple[str, Any], volume: Volume, image_name: str, model: str) -> None:
@@ -321,6 +365,7 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
             "label_colors": list(result.label_colors),
             "model_name": result.model_name,
             "mode": result.mode,
+            "postprocess": describe_postprocess(self.last_postprocess, result.label_names),
             "device": result.device,
             "warnings": list(result.warnings),
             "timings": dict(result.timings),
