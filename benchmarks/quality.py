@@ -4,7 +4,10 @@ Prints per-case and summary rows (per-class Dice, HD95 in mm, inference seconds)
 
     python benchmarks/quality.py --model lightm_unet_3d --data ../shared/data/msd_hippocampus \
         --split weights/splits/msd_hippocampus.json --device cpu [--mode accurate] [--json out.json] \
-        [--postprocess {none,recommended,largest}]
+        [--postprocess none recommended largest]
+
+Each case is segmented once (timed, no clean-up); each ``--postprocess`` choice is then applied to those labels
+(what ``segment(postprocess=...)`` does as its last step) and scored, one table per choice.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from napari_medmamba.inference import POSTPROCESS_CHOICES, describe_postprocess, postprocess_for, segment  # noqa: E402
+from napari_medmamba.inference import (  # noqa: E402
+    POSTPROCESS_CHOICES, apply_postprocess, describe_postprocess, postprocess_for, segment)
 from napari_medmamba.inference.engine import resolve_model  # noqa: E402
 from napari_medmamba.io import read_volume  # noqa: E402
 from napari_medmamba.training.dataset import load_case_folder  # noqa: E402
@@ -63,10 +67,14 @@ def main() -> None:
     parser.add_argument("--mode", default="accurate", choices=["accurate", "fast"])
     parser.add_argument("--limit", type=int, help="evaluate only the first N cases")
     parser.add_argument("--json", type=Path, help="also write results as JSON")
-    parser.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, default="none",
-                        help="clean-up as in the CLI: recommended (the model's own, e.g. largest component of some "
-                             "organs), none, largest (largest component of every class) (default: %(default)s)")
-    parser.add_argument("--largest-component", dest="postprocess", action="store_const", const="largest",
+    parser.add_argument("--weights", type=Path,
+                        help="evaluate these weights (safetensors) in the registered model's network and contract "
+                             "instead of its shipped ones, e.g. a baseline or a new training run")
+    parser.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, nargs="+", default=["none"],
+                        help="clean-ups to score, as in the CLI: none, recommended (the model's own, e.g. largest "
+                             "component of some organs), largest (largest component of every class); several give "
+                             "one table each from the same segmentations (default: none)")
+    parser.add_argument("--largest-component", dest="postprocess", action="store_const", const=["largest"],
                         help="same as --postprocess largest")
     args = parser.parse_args()
 
@@ -75,36 +83,53 @@ def main() -> None:
         val = set(json.loads(args.split.read_text())["val"])
         cases = [c for c in cases if c.case_id in val]
     cases = cases[: args.limit] if args.limit else cases
-    net, contract, name, warnings = resolve_model(args.model)
+    if args.weights:
+        from napari_medmamba.models import build_model, get_model_spec, load_checkpoint
+
+        spec = get_model_spec(args.model)
+        net, contract, name, warnings = load_checkpoint(args.weights, model=build_model(args.model)), spec.contract, \
+            f"{args.model} ({args.weights.name})", []
+    else:
+        net, contract, name, warnings = resolve_model(args.model)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     model = (net, contract, name)
     classes = contract.label_names[1:]
-    post = postprocess_for(args.postprocess, model)
-    rows = []
+    posts = {choice: postprocess_for(choice, model) for choice in dict.fromkeys(args.postprocess)}
+    rows: dict[str, list[dict]] = {choice: [] for choice in posts}
     for i, case in enumerate(cases):
         case_id = case.case_id
         volume, ref = read_volume(case.image_path), np.rint(read_volume(case.label_path).array).astype(np.int64)
         if i == 0:  # warm-up (kernel compilation, allocator) on the first case only
             segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False)
         start = time.perf_counter()
-        result = segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False, postprocess=post)
+        raw = segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False).labels.array
         seconds = time.perf_counter() - start
-        pred = result.labels.array
-        row = {"case": case_id, "seconds": seconds, "shape": list(volume.shape)}
-        for value, cls in enumerate(classes, start=1):
-            if case.labelled is not None and value not in case.labelled:  # partial labels: not contoured, not scored
-                row[f"dice {cls}"] = row[f"hd95 {cls}"] = float("nan")
-                continue
-            row[f"dice {cls}"] = dice(pred == value, ref == value)
-            row[f"hd95 {cls}"] = hd95(pred == value, ref == value, volume.geometry.spacing_zyx)
-        rows.append(row)
-        print(f"{case_id}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr)
-        args.json and args.json.write_text(json.dumps(rows, indent=1))  # keep partial results
+        for choice, post in posts.items():
+            t0 = time.perf_counter()
+            pred = raw if post is None else apply_postprocess(raw, post, volume.geometry.voxel_volume_ml)
+            row = {"case": case_id, "seconds": seconds, "postprocess_seconds": time.perf_counter() - t0,
+                   "shape": list(volume.shape)}
+            for value, cls in enumerate(classes, start=1):
+                if case.labelled is not None and value not in case.labelled:  # partial labels: not scored
+                    row[f"dice {cls}"] = row[f"hd95 {cls}"] = float("nan")
+                    continue
+                row[f"dice {cls}"] = dice(pred == value, ref == value)
+                row[f"hd95 {cls}"] = hd95(pred == value, ref == value, volume.geometry.spacing_zyx)
+            rows[choice].append(row)
+            print(f"{case_id} [{choice}]: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)),
+                  file=sys.stderr)
+        if args.json:  # keep partial results
+            args.json.write_text(json.dumps(rows if len(rows) > 1 else rows[args.postprocess[0]], indent=1))
+    for choice, post in posts.items():
+        print_summary(rows[choice], classes, f"{name} on {len(rows[choice])} cases of {args.data.name} ({args.mode}, "
+                      f"{args.device}; clean-up: {describe_postprocess(post, contract.label_names)}; the first case is "
+                      "segmented once more before it is timed (warm-up); classes a case did not contour are not scored)")
 
-    print(f"\n{name} on {len(rows)} cases of {args.data.name} ({args.mode}, {args.device}"
-          f"; clean-up {args.postprocess}: {describe_postprocess(post, contract.label_names)}; the first call per case "
-          "case is run once more first as a warm-up; classes a case did not contour are not scored)\n")
+
+def print_summary(rows: list[dict], classes: tuple[str, ...], title: str) -> None:
+    """Per-class Dice and HD95 with 95% bootstrap intervals, and time per case, as a markdown table."""
+    print(f"\n{title}\n")
     print("| class | Dice mean [95% CI] | HD95 mm mean [95% CI] (median) | inference s/case median (max) |")
     print("|---|---|---|---|")
     secs = np.array([r["seconds"] for r in rows])
