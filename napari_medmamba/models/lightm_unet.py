@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .mamba import Mamba, channels_first_layer_norm, channels_first_linear
+from .group_norm import WideGroupNorm
 
 __all__ = ["LightMUNet", "MambaLayer", "ResMambaBlock", "ResUpBlock"]
 
@@ -116,8 +117,8 @@ class ResMambaBlock(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, num_groups: int = 8) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(num_groups, in_channels)
-        self.norm2 = nn.GroupNorm(num_groups, in_channels)
+        self.norm1 = WideGroupNorm(num_groups, in_channels)
+        self.norm2 = WideGroupNorm(num_groups, in_channels)
         self.act = nn.ReLU()
         self.conv1 = mamba_layer(spatial_dims, in_channels, in_channels)
         self.conv2 = mamba_layer(spatial_dims, in_channels, in_channels)
@@ -133,8 +134,8 @@ class ResUpBlock(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, num_groups: int = 8, kernel_size: int = 3) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(num_groups, in_channels)
-        self.norm2 = nn.GroupNorm(num_groups, in_channels)
+        self.norm1 = WideGroupNorm(num_groups, in_channels)
+        self.norm2 = WideGroupNorm(num_groups, in_channels)
         self.act = nn.ReLU()
         self.conv = dwconv(spatial_dims, in_channels, in_channels, kernel_size)
         self.skip_scale = nn.Parameter(torch.ones(1))
@@ -189,7 +190,7 @@ class LightMUNet(nn.Module):
             ch = init_filters * 2 ** (len(blocks_up) - i)
             self.up_layers.append(nn.Sequential(*[ResUpBlock(spatial_dims, ch // 2, num_groups) for _ in range(n)]))
             self.up_samples.append(nn.Sequential(ConvOnly(spatial_dims, ch, ch // 2, 1), Upsample(spatial_dims)))
-        self.conv_final = nn.Sequential(nn.GroupNorm(num_groups, init_filters), nn.ReLU(),
+        self.conv_final = nn.Sequential(WideGroupNorm(num_groups, init_filters), nn.ReLU(),
                                         dwconv(spatial_dims, init_filters, out_channels, kernel_size=1, bias=True))
         if dropout_prob is not None:
             self.dropout = (nn.Dropout2d if spatial_dims == 2 else nn.Dropout3d)(dropout_prob)
