@@ -190,3 +190,60 @@ def test_new_labels_are_validated(example, new_structure) -> None:
                  new_label_colors=["#123456"])
     with pytest.raises(TypeError):
         finetune(BASE, [example], max_steps=1, device="cpu", patch_size=PATCH, new_labels="fornix")
+
+
+def test_anchor_loss_keeps_only_the_anchored_classes() -> None:
+    """Zero for the base's own logits; blind to how the free classes share their mass; masked voxels ignored."""
+    from napari_medmamba.training.finetune import anchor_loss
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 4, 3, 5, 5, generator=g)
+    where = torch.ones(2, 3, 5, 5, dtype=torch.bool)
+    assert anchor_loss(base, base, [2], where).item() == pytest.approx(0.0, abs=1e-6)
+    swapped = base[:, [0, 3, 2, 1]]  # classes 1 and 3 (free) exchanged, class 2 (anchored) untouched
+    assert anchor_loss(swapped, base, [2], where).item() == pytest.approx(0.0, abs=1e-6)
+    moved = base.clone()
+    moved[:, 2] -= 3.0
+    assert anchor_loss(moved, base, [2], where).item() > 0.05
+    assert anchor_loss(moved, base, [2], torch.zeros_like(where)).item() == 0.0
+    wider = torch.cat([base, torch.full_like(base[:, :1], -30.0)], dim=1)  # a widened head: one more class
+    assert anchor_loss(wider, base, [2], where).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_unshown_classes() -> None:
+    from napari_medmamba.training.finetune import PreparedExample, unshown_classes
+
+    labels = np.zeros((4, 3, 3), np.int64)
+    labels[0, 0, 0], labels[2, 1, 1], labels[3, 2, 2] = 1, 3, 2
+    mask = np.zeros(labels.shape, bool)
+    mask[:3] = True  # class 2 only on an unsupervised slice
+    prep = PreparedExample(np.zeros(labels.shape, np.float32), labels, mask)
+    assert unshown_classes([prep], [mask], 5) == [2, 4]
+
+
+def test_anchor_keeps_a_class_the_corrections_never_show() -> None:
+    """Corrections on slices without the posterior hippocampus: with the anchor its prediction elsewhere stays
+    closer to the base model's than without (measured 0.90 vs 0.85 Dice to the base at 20 steps)."""
+    torch.set_num_threads(2)
+    volume = load_sample("mni152_t1_right_hippocampus")
+    base = segment(volume, BASE, device="cpu", return_probabilities=False).labels.array
+    only_anterior = [z for z in range(base.shape[0]) if (base[z] == 1).any() and not (base[z] == 2).any()]
+    assert len(only_anterior) >= 4
+    corrected = base.copy()
+    grown = np.zeros_like(base, dtype=bool)
+    grown[:, 1:, :] |= base[:, :-1, :] == 1
+    grown[:, :-1, :] |= base[:, 1:, :] == 1
+    corrected[grown & (base == 0)] = 1
+    log = EditLog(volume.shape)
+    for z in only_anterior:
+        log.accept_slice(0, int(z))
+    example = CorrectionExample(volume, corrected, log)
+    agreement = {}
+    for weight in (0.0, 1.0):
+        res = finetune(BASE, [example], max_steps=20, budget_s=600, mode="decoder", device="cpu", patch_size=PATCH,
+                       eval_every=100, holdout_fraction=0.0, anchor_weight=weight)
+        assert res.card["anchored_classes"] == ([] if weight == 0 else ["posterior hippocampus"])
+        after = segment(volume, (res.model, res.spec.contract, "ft"), device="cpu", return_probabilities=False)
+        a, b = after.labels.array == 2, base == 2
+        agreement[weight] = 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+    assert agreement[1.0] > agreement[0.0] + 0.01, agreement

@@ -366,6 +366,33 @@ def _score(d: dict[str, float]) -> float:
 
 # ---- fine-tuning ---------------------------------------------------------------------------------
 
+def unshown_classes(prepared: Sequence[PreparedExample], masks: Sequence[np.ndarray], num_classes: int) -> list[int]:
+    """Foreground classes (< ``num_classes``) that no voxel under ``masks`` is labelled with."""
+    shown: set[int] = set()
+    for p, m in zip(prepared, masks):
+        shown.update(int(v) for v in np.unique(p.labels[m]))
+    return [c for c in range(1, num_classes) if c not in shown]
+
+
+def anchor_loss(logits: torch.Tensor, base_logits: torch.Tensor, classes: Sequence[int],
+                where: torch.Tensor) -> torch.Tensor:
+    """Mean over ``where`` voxels of KL(base || model) on the distribution over ``classes`` plus one class for
+    everything else (merged, so the other classes, e.g. those being corrected, stay free). Both logits
+    (B, C, *spatial); the base may have fewer classes than the model (a widened head) as long as it has
+    every one of ``classes``."""
+    idx = list(classes)
+
+    def merged(z: torch.Tensor) -> torch.Tensor:
+        prob = torch.softmax(z.float(), dim=1)
+        kept = prob[:, idx]
+        return torch.cat([kept, (1.0 - kept.sum(1, keepdim=True)).clamp_min(0.0)], dim=1).clamp_min(1e-6)
+
+    p_base, p_model = merged(base_logits), merged(logits)
+    kl = (p_base * (p_base.log() - p_model.log())).sum(1)
+    w = where.to(kl.dtype)
+    return (kl * w).sum() / w.sum().clamp_min(1.0)
+
+
 def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, budget_s: float = 60.0,
              max_steps: int | None = None, mode: Literal["decoder", "full"] = "decoder", device: str = "auto",
              holdout_fraction: float = 0.2, seed: int = 0, out_dir: str | Path | None = None, name: str | None = None,
@@ -373,7 +400,7 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
              patch_size: Sequence[int] | None = None, batch_size: int = 2, lr: float | None = None,
              weight_decay: float = 1e-4, eval_every: int = 10, patience: int = 3,
              augment: AugmentConfig = INTENSITY_ONLY, new_labels: Sequence[str] = (),
-             new_label_colors: Sequence[str] | None = None) -> FinetuneResult:
+             new_label_colors: Sequence[str] | None = None, anchor_weight: float = 1.0) -> FinetuneResult:
     """Fine-tune ``model`` (registry name or spec; its shipped weights when it has them) on ``examples``.
 
     Trains on patches (``patch_size``, default the contract's with z limited to :data:`TRAIN_Z_STRIDES` times the
@@ -392,6 +419,12 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
     and the card records ``new_labels``.
 
     ``lr`` defaults to :data:`DEFAULT_LR` of the mode (1e-3 for 'decoder', 3e-4 for 'full').
+
+    ``anchor_weight``: classes that no supervised voxel shows (e.g. the larynx when the user corrected parotid
+    slices) are kept where they were: on unsupervised voxels of each patch, and of one extra patch per step taken
+    anywhere in a scan, :func:`anchor_loss` (weight ``anchor_weight``; 0 turns it off) pulls their
+    probabilities toward the base model's. Without it, the
+    supervised voxels only ever say "not that organ here", and the shared decoder forgets it everywhere.
     """
     if mode not in ("decoder", "full"):
         raise ValueError(f"mode must be 'decoder' or 'full', got {mode!r}")
@@ -405,6 +438,7 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
     check = cancel_check(cancel)
     spec, net, base_sha = _base(model)
     contract = spec.contract
+    teacher = copy.deepcopy(net).eval().requires_grad_(False) if anchor_weight > 0 else None  # the base, frozen
     head_name = None
     if new_labels:
         if isinstance(new_labels, str):
@@ -434,6 +468,9 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
         h[[z for j, z in held_set if j == i]] = True
         held.append((p, p.supervised & h[:, None, None]))
         train_masks.append(p.supervised & ~h[:, None, None])
+    anchored = unshown_classes(prepared, train_masks, spec.contract.num_classes) if teacher is not None else []
+    if not anchored:
+        teacher = None
     fingerprint = _fingerprint([PreparedExample(p.image, p.labels, m) for p, m in zip(prepared, train_masks)])
     base_patch = tuple(int(s) for s in (patch_size or _train_patch(contract.patch_size, stride)))
     if len(base_patch) != 3 or any(s % stride for s in base_patch):
@@ -444,6 +481,7 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
     dev = choose_device(device)
     torch.manual_seed(seed)
     net = net.to(dev)
+    teacher = teacher.to(dev) if teacher is not None else None
     names = contract.label_names
     report = progress or (lambda f, s: None)
     report(0.0, "evaluating the base model")
@@ -489,13 +527,23 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
             start = [min(max(s, min(0, n - q)), max(0, n - q)) for s, n, q in zip(start, p.image.shape, patch)]
             im, lb, ig = _crop([p.image, p.labels, ~train_masks[i]], start, patch, (0.0, 0, True))
             xs.append(im), ys.append(lb), igs.append(ig)
+        if teacher is not None:  # one replay patch from anywhere in the last sample's scan (same patch size):
+            # the anchored classes far from the edits
+            start = [int(rng.integers(0, max(1, n - q + 1))) for n, q in zip(p.image.shape, patch)]
+            im, lb = _crop([p.image, p.labels], start, patch, (0.0, 0))
+            xs.append(im), ys.append(lb), igs.append(np.ones(patch, dtype=bool))  # unsupervised: anchor only
         if len({x.shape for x in xs}) > 1:  # examples of different sizes: one at a time
             xs, ys, igs = xs[:1], ys[:1], igs[:1]
         x = torch.from_numpy(np.stack(xs))[:, None].to(dev)
         y = torch.from_numpy(np.stack(ys)).to(dev)
         ig = torch.from_numpy(np.stack(igs)).to(dev)
         x, y, ig = augment_batch(x, y, rng, augment, mask=ig)
-        loss = dice_ce_loss(net(x), y, ignore_mask=ig)
+        logits = net(x)
+        loss = dice_ce_loss(logits, y, ignore_mask=ig)
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(x)
+            loss = loss + anchor_weight * anchor_loss(logits, target, anchored, ig)
         opt.zero_grad(set_to_none=True)
         if bool(torch.isfinite(loss)):
             loss.backward()
@@ -541,6 +589,7 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
                                    "supervised mask bool; held-back slices unsupervised), with dtype and shape",
         "examples": len(examples), "train_slices": len(train_slices), "heldout_slices": n_held,
         "mode": mode, "trainable_parameters": int(sum(net.get_parameter(n).numel() for n in trainable)),
+        "anchored_classes": [contract.label_names[c] for c in anchored], "anchor_weight": anchor_weight,
         "steps": step, "best_step": best_step, "seconds": round(seconds, 2), "stop_reason": reason,
         "dice_before": dice_before, "dice_after": dice_best,
         "dice_method": "hard Dice on the held-back supervised voxels (pooled), sliding window as in inference",
