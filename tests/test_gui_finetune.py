@@ -212,3 +212,18 @@ def test_cancel_saves_nothing_and_keeps_the_base(setup, qtbot, monkeypatch, _env
     assert list_finetuned(_env) == [] and not any(s.card.get("finetuned") for s in registry.REGISTRY.values())
     assert seg.model_combo.currentText() == TINY and not ft.revert_button.isEnabled()
     np.testing.assert_array_equal(np.asarray(labels.data), corrected)
+
+
+def test_result_names_the_anchored_classes() -> None:
+    """The result text tells the user which structures were kept close to the base model, and only then."""
+    from types import SimpleNamespace
+
+    from napari_medmamba._napari._widgets.finetune import FinetuneWidget
+
+    base = dict(dice_before={"mean": 0.5, "left parotid": 0.5}, dice_after={"mean": 0.6, "left parotid": 0.6},
+                heldout_slices=2, best_step=5, steps=10, train_slices=4, seconds=3.0, stop_reason="budget")
+    text = FinetuneWidget._result_html(SimpleNamespace(**base, card={"anchored_classes": ["larynx", "esophagus"]}),
+                                       "ct-ft", 100)
+    assert "Kept close to the base model" in text and "larynx, esophagus" in text
+    plain = FinetuneWidget._result_html(SimpleNamespace(**base, card={"anchored_classes": []}), "ct-ft", 100)
+    assert "Kept close" not in plain

@@ -477,6 +477,10 @@ class FinetuneWidget(BackgroundRunMixin, QWidget):
             rows.append("No slice was held back (review at least 2 slices to measure Dice before → after).")
         rows.append(f"{result.steps} steps on {result.train_slices} slice(s) in {result.seconds:.0f} s "
                     f"({html.escape(STOP_REASONS.get(result.stop_reason, result.stop_reason))}).")
+        anchored = (getattr(result, "card", None) or {}).get("anchored_classes") or []
+        if anchored:
+            rows.append("Kept close to the base model (none of your corrections shows them): "
+                        f"{html.escape(', '.join(anchored))}.")
         rows.append(f"Re-segmented; {kept:,} reviewed / corrected voxels kept. Undo in Review &amp; correct "
                     "takes the new labels back.")
         return "<br>".join(rows)
