@@ -42,7 +42,9 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, save_states: bool,
                  return_last: bool, cfg: ScanConfig | None = None, **override):
-    """Run the forward passes. Returns (out, last_state or None, tile-start states or None, cfg)."""
+    """Run the forward passes. Returns (out, last_state or None, saved or None, cfg); ``saved`` (with
+    ``save_states``) is what :func:`scan_backward` needs: the tile-start states, and with z the ungated y
+    (in u's dtype), which spares the backward one scan per state column."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
     groups = 1 if B.dim() == 3 else B.shape[1]
@@ -72,20 +74,27 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, save_state
         send = _combine(hend, dsum, A2, dim, n_state, False, cfg)
     hs = torch.empty(batch, dim, n_state, n_tiles, **f32) if save_states else A2
     last = torch.empty(batch, dim, n_state, **f32) if return_last else A2
+    save_y = save_states and z is not None
+    y = torch.empty(u.shape, dtype=u.dtype, device=u.device) if save_y else A2
     _scan_out_kernel[(n_chunks, batch * (dim // bd))](
-        u, delta, A2, B, C, Dp, zz, bias, send, out, hs, last,
+        u, delta, A2, B, C, Dp, zz, bias, send, out, hs, last, y,
         dim, length, n_state, dpg, chunk_len, n_tiles,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *_bc_strides(B),
         *_bc_strides(C), zz.stride(0), zz.stride(1), out.stride(0), out.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_CARRY=n_chunks > 1, SAVE_STATES=save_states,
-        SAVE_LAST=return_last, BLOCK_D=bd, BLOCK_N=bn, T=T, num_warps=cfg.num_warps)
-    return out, (last if return_last else None), (hs if save_states else None), cfg
+        SAVE_LAST=return_last, SAVE_Y=save_y, BLOCK_D=bd, BLOCK_N=bn, T=T, num_warps=cfg.num_warps)
+    saved = ((hs, y) if save_y else (hs,)) if save_states else None
+    return out, (last if return_last else None), saved, cfg
 
 
-def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool, hs: torch.Tensor,
+def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool, saved: tuple[torch.Tensor, ...],
                   cfg: ScanConfig):
-    """All gradients (du, ddelta, dA, dB, dC, dD, dz, d_delta_bias); None for absent inputs."""
+    """All gradients (du, ddelta, dA, dB, dC, dD, dz, d_delta_bias); None for absent inputs.
+
+    ``saved``: :func:`scan_forward`'s (tile-start states[, ungated y])."""
+    hs = saved[0]
+    y_saved = saved[1] if len(saved) > 1 else None
     batch, dim, length = u.shape
     n_state = A.shape[1]
     groups = 1 if B.dim() == 3 else B.shape[1]
@@ -123,12 +132,12 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool, hs:
     dB_p = torch.empty(batch, split, groups, n_state, length, **f32)
     dC_p = torch.empty(batch, split, groups, n_state, length, **f32)
     _bwd_tile_grad_kernel[(n_tiles, batch * groups * split)](
-        u, delta, A2, B, C, Dp, zz, bias, dout, hs, R,
+        u, delta, A2, B, C, Dp, zz, bias, dout, hs, R, y_saved if y_saved is not None else A2,
         du, ddelta, dz, dA_p, dD_p, db_p, dB_p, dC_p,
         dim, length, n_state, dpg, split,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *_bc_strides(B),
         *_bc_strides(C), zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_Y=y_saved is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, BLOCK_D=bdb, T=T, SUB=sub, num_warps=cfg.bwd_num_warps)
     dA = dA_p.sum((0, 1)).to(A.dtype)
     dB = dB_p.sum(1)
@@ -152,7 +161,8 @@ class SelectiveScanTriton(torch.autograd.Function):
         forward_fn, ctx.backward_fn = kernels
         out, last, saved, cfg = forward_fn(u, delta, A, B, C, D, z, delta_bias, softplus, True,
                                            return_last, **(override or {}))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, saved)
+        ctx.saved_is_tuple = isinstance(saved, tuple)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, *(saved if ctx.saved_is_tuple else (saved,)))
         ctx.softplus = softplus
         ctx.cfg = cfg
         if return_last:
@@ -162,7 +172,8 @@ class SelectiveScanTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *rest):
-        u, delta, A, B, C, D, z, delta_bias, saved = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, *saved = ctx.saved_tensors
+        saved = tuple(saved) if ctx.saved_is_tuple else saved[0]
         grads = ctx.backward_fn(dout, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, saved, ctx.cfg)
         return (*grads, None, None, None, None)
 

@@ -146,11 +146,11 @@ def _chunk_combine_kernel(
 @triton.jit
 def _scan_out_kernel(
     u_ptr, delta_ptr, A2_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, send_ptr, out_ptr,
-    hs_ptr, last_ptr,
+    hs_ptr, last_ptr, y_ptr,
     dim, L, N, dpg, chunk_len, n_tiles_total,
     s_ub, s_ud, s_db, s_dd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_zb, s_zd, s_ob, s_od,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_CARRY: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
+    HAS_CARRY: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_Y: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
 ):
     """Pass 3: scan each chunk from its carried-in state and write gated y.
@@ -158,7 +158,8 @@ def _scan_out_kernel(
     (BLOCK_D, T) tiles; for each state column n an associative scan along T, y accumulated
     over n in registers; the state is carried between tiles in registers. With SAVE_STATES
     the state at every tile start is stored for the backward ((batch, dim, N, n_tiles_total)).
-    Grid: (n_chunks, batch * dim // BLOCK_D).
+    With SAVE_Y (and z) the ungated y is also stored, contiguous (batch, dim, L), so that the
+    backward need not scan again to get it. Grid: (n_chunks, batch * dim // BLOCK_D).
     """
     pid_c = tl.program_id(0)
     pid_bd = tl.program_id(1)
@@ -211,6 +212,9 @@ def _scan_out_kernel(
         if HAS_D:
             y += Dv[:, None] * uu
         if HAS_Z:
+            if SAVE_Y:
+                tl.store(y_ptr + (b * dim + offs_d[:, None]) * L + t[None, :], y.to(y_ptr.dtype.element_ty),
+                         mask=mask_t[None, :])
             zz = tl.load(z_ptr + b * s_zb + offs_d[:, None] * s_zd + t[None, :],
                          mask=mask_t[None, :], other=0.0).to(tl.float32)
             y = y * zz * tl.sigmoid(zz)
