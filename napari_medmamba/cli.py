@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder")
     p.add_argument("--model", default=None, help="registered model name (default: the default model)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    p.add_argument("--mode", choices=("accurate", "fast"), default="accurate")
+    p.add_argument("--mode", choices=("accurate", "fast"), default="accurate",
+                   help="fast: 1.5x coarser grid, less window overlap; about 2x faster on a CPU for large scans but "
+                        "much less accurate (mean Dice: hippocampus 0.88 -> 0.74, head-and-neck CT 0.52 -> 0.26): "
+                        "a quick preview (default: %(default)s)")
     p.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, default="recommended", help=POSTPROCESS_HELP)
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")

@@ -72,6 +72,10 @@ def refresh_segment_models(select: str | None = None) -> None:
 
 DEVICES = {"Auto (GPU if available)": "auto", "CPU": "cpu", "GPU (CUDA)": "cuda"}
 MODES = {"Accurate": "accurate", "Fast (coarser grid, less overlap)": "fast"}
+MODE_TOOLTIP = ("Accurate: the model's own voxel size, windows overlapping by half.\n"
+                "Fast: a 1.5x coarser grid and less overlap, about 2x faster on a CPU for large scans, but much "
+                "less accurate\n(measured mean Dice: hippocampus 0.88 -> 0.74, head-and-neck CT 0.52 -> 0.26). "
+                "For a quick preview only.")
 CLEANUPS = {
     "Recommended for this model": "recommended",
     "None": "none",
@@ -166,6 +170,7 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
         self.device_combo.addItems(list(DEVICES))
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(list(MODES))
+        self.mode_combo.setToolTip(MODE_TOOLTIP)
         self.cleanup_combo = QComboBox()
         self.cleanup_combo.addItems(list(CLEANUPS))
 
