@@ -84,11 +84,10 @@ def main() -> None:
         cases = [c for c in cases if c.case_id in val]
     cases = cases[: args.limit] if args.limit else cases
     if args.weights:
-        from napari_medmamba.models import build_model, get_model_spec, load_checkpoint
+        from napari_medmamba.models import get_model_spec, load_checkpoint
 
-        spec = get_model_spec(args.model)
-        net, contract, name, warnings = load_checkpoint(args.weights, model=build_model(args.model)), spec.contract, \
-            f"{args.model} ({args.weights.name})", []
+        net, contract = load_checkpoint(args.weights, name=args.model), get_model_spec(args.model).contract
+        name, warnings = f"{args.model} ({args.weights.name})", []
     else:
         net, contract, name, warnings = resolve_model(args.model)
     for w in warnings:

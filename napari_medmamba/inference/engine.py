@@ -98,6 +98,21 @@ def cancel_check(cancel: Cancel) -> Callable[[], bool]:
     raise TypeError("cancel must be None, a threading.Event or a callable returning bool")
 
 
+def resolve_spec(model: str | ModelSpec) -> ModelSpec:
+    """The ModelSpec of a registry name or of a fine-tuned model in the user's model store (a spec as is);
+    nothing is loaded. KeyError for an unknown name."""
+    if isinstance(model, ModelSpec):
+        return model
+    try:
+        return get_model_spec(model)
+    except KeyError:  # a fine-tuned model saved in the user's model store?
+        from ..training.model_store import list_finetuned, load_finetuned
+
+        if not any(m.name == model for m in list_finetuned()):
+            raise
+        return load_finetuned(model)
+
+
 def resolve_model(model: ModelLike) -> tuple[nn.Module, InputContract, str, list[str]]:
     """(network, contract, name, warnings) for a registry name (or the name of a fine-tuned model in the
     user's model store), a ModelSpec or (module, contract)."""
@@ -108,19 +123,9 @@ def resolve_model(model: ModelLike) -> tuple[nn.Module, InputContract, str, list
         return net, contract, (name[0] if name else type(net).__name__), []
     from ..models import build_model, load_registered_model
 
-    if isinstance(model, str):
-        try:
-            spec = get_model_spec(model)
-        except KeyError:  # a fine-tuned model saved in the user's model store?
-            from ..training.model_store import list_finetuned, load_finetuned
-
-            if not any(m.name == model for m in list_finetuned()):
-                raise
-            spec = load_finetuned(model)
-    else:
-        spec = model
-    if not isinstance(spec, ModelSpec):
+    if not isinstance(model, (str, ModelSpec)):
         raise TypeError("model must be a registry name, a ModelSpec or (torch.nn.Module, InputContract)")
+    spec = resolve_spec(model)
     if spec.weights:
         return load_registered_model(spec), spec.contract, spec.name, []  # sha256 checked; errors propagate
     if spec.card.get("finetuned"):  # fine-tuned in this session: the factory returns the trained network

@@ -101,23 +101,16 @@ def apply_postprocess(
 def _contract(model: Any) -> Any:
     """The InputContract of a registry name (or stored fine-tuned model), a ModelSpec, a contract or a
     ``(net, contract[, name])`` tuple."""
-    from ..models.registry import InputContract, ModelSpec, get_model_spec
+    from ..models.registry import InputContract, ModelSpec
 
     if isinstance(model, InputContract):
         return model
-    if isinstance(model, ModelSpec):
-        return model.contract
     if isinstance(model, tuple) and len(model) > 1 and isinstance(model[1], InputContract):
         return model[1]
-    if isinstance(model, str):
-        try:
-            return get_model_spec(model).contract
-        except KeyError:  # a fine-tuned model in the user's store (it inherits its base model's contract)
-            from ..training.model_store import list_finetuned, load_finetuned
+    if isinstance(model, (str, ModelSpec)):
+        from .engine import resolve_spec  # engine imports this module: resolve lazily
 
-            if not any(m.name == model for m in list_finetuned()):
-                raise
-            return load_finetuned(model).contract
+        return resolve_spec(model).contract
     raise TypeError("model must be a registry name, a ModelSpec, an InputContract or (module, contract[, name])")
 
 

@@ -92,9 +92,8 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool, sav
                   cfg: ScanConfig):
     """All gradients (du, ddelta, dA, dB, dC, dD, dz, d_delta_bias); None for absent inputs.
 
-    ``saved``: :func:`scan_forward`'s (tile-start states[, ungated y])."""
-    hs = saved[0]
-    y_saved = saved[1] if len(saved) > 1 else None
+    ``saved``: :func:`scan_forward`'s (tile-start states[, ungated y when z is given])."""
+    hs, *y_saved = saved
     batch, dim, length = u.shape
     n_state = A.shape[1]
     groups = 1 if B.dim() == 3 else B.shape[1]
@@ -132,12 +131,12 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool, sav
     dB_p = torch.empty(batch, split, groups, n_state, length, **f32)
     dC_p = torch.empty(batch, split, groups, n_state, length, **f32)
     _bwd_tile_grad_kernel[(n_tiles, batch * groups * split)](
-        u, delta, A2, B, C, Dp, zz, bias, dout, hs, R, y_saved if y_saved is not None else A2,
+        u, delta, A2, B, C, Dp, zz, bias, dout, hs, R, y_saved[0] if y_saved else hs,  # hs: never read
         du, ddelta, dz, dA_p, dD_p, db_p, dB_p, dC_p,
         dim, length, n_state, dpg, split,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *_bc_strides(B),
         *_bc_strides(C), zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_Y=y_saved is not None, HAS_BIAS=delta_bias is not None,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, BLOCK_D=bdb, T=T, SUB=sub, num_warps=cfg.bwd_num_warps)
     dA = dA_p.sum((0, 1)).to(A.dtype)
     dB = dB_p.sum(1)

@@ -68,8 +68,7 @@ def _bwd_tile_grad_kernel(
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
     dim, L, N, dpg, n_split,
     s_ub, s_ud, s_db, s_dd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_zb, s_zd, s_gb, s_gd,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, T: tl.constexpr, SUB: tl.constexpr,
 ):
     """Backward pass 3: recompute the tile's states, reverse adjoint scan, all gradients.
@@ -79,8 +78,8 @@ def _bwd_tile_grad_kernel(
     A program covers one tile of T steps and dpg // n_split channels of one group, in SUB
     sub-blocks of BLOCK_D channels, one state column n at a time; its dB/dC partial sums over
     channels accumulate in program-private rows of (batch, n_split, G, N, L). dA, dD, d_bias partials are written per (batch, tile):
-    (batch, n_tiles, dim, N) and (batch, n_tiles, dim). With z, y is loaded when the forward
-    saved it (HAS_Y), else recomputed first (one more forward scan per column). Grid: (n_tiles, batch * G * n_split).
+    (batch, n_tiles, dim, N) and (batch, n_tiles, dim). With z, the ungated y comes from
+    the forward (saved by :func:`scan_forward`), so dz needs no extra scan. Grid: (n_tiles, batch * G * n_split).
     """
     pid_c = tl.program_id(0)
     pid_x = tl.program_id(1)
@@ -119,19 +118,8 @@ def _bwd_tile_grad_kernel(
         if HAS_D:
             Dv = tl.load(D_ptr + offs_d).to(tl.float32)
         dy = dout
-        if HAS_Z:
-            if HAS_Y:  # the forward stored the ungated y: no scan needed here
-                y = tl.load(y_ptr + o_g, mask=mask_t[None, :], other=0.0).to(tl.float32)
-            else:
-                y = Dv[:, None] * uu
-                for n in range(0, N):
-                    a2n = tl.load(A2_ptr + offs_d * N + n)
-                    Bn = tl.load(B_base + n * s_Bn + t, mask=mask_t, other=0.0).to(tl.float32)
-                    Cn = tl.load(C_base + n * s_Cn + t, mask=mask_t, other=0.0).to(tl.float32)
-                    h0 = tl.load(hs_ptr + (lane + n) * n_tiles + pid_c)
-                    P, H = tl.associative_scan((tl.exp2(a2n[:, None] * dl), dlu * Bn[None, :]), axis=1,
-                                               combine_fn=_combine)
-                    y += (H + P * h0[:, None]) * Cn[None, :]
+        if HAS_Z:  # the forward stored the ungated y (scan_forward with save_states)
+            y = tl.load(y_ptr + o_g, mask=mask_t[None, :], other=0.0).to(tl.float32)
             zz = tl.load(z_ptr + b * s_zb + offs_d[:, None] * s_zd + t[None, :],
                          mask=mask_t[None, :], other=0.0).to(tl.float32)
             sz = tl.sigmoid(zz)
