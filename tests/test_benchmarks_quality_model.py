@@ -1,0 +1,51 @@
+"""benchmarks/quality.py (several clean-ups from one segmentation, --weights) and benchmarks/model.py's
+same-run ratio table and official-network loader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_quality_scores_each_clean_up_from_the_same_segmentation(shared_data: Path, tmp_path: Path) -> None:
+    data = shared_data / "msd_hippocampus"
+    out = tmp_path / "q.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--model", "lightm_unet_3d", "--data", str(data),
+         "--split", str(ROOT / "weights" / "splits" / "msd_hippocampus.json"), "--limit", "1",
+         "--weights", str(ROOT / "weights" / "lightm_unet_3d_hippocampus.safetensors"),
+         "--postprocess", "none", "largest", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert set(rows) == {"none", "largest"}
+    raw, cleaned = rows["none"][0], rows["largest"][0]
+    assert raw["case"] == cleaned["case"] and raw["seconds"] == cleaned["seconds"]  # one segmentation
+    assert raw["dice anterior hippocampus"] > 0.7
+    assert "lightm_unet_3d_hippocampus.safetensors" in done.stdout and done.stdout.count("| mean foreground") == 2
+
+
+def test_ratio_table_and_official_loader(tmp_path: Path) -> None:
+    import model as bench
+
+    rows = [{"case": "infer3d", "shape": [8, 8, 8], "batch": 1, "precision": "fp32", "ms": 10.0, "peak_mib": 100.0,
+             "checkpointing": "off", "impl": "ours"},
+            {"case": "infer3d", "shape": [8, 8, 8], "batch": 1, "precision": "fp32", "ms": 25.0, "peak_mib": 150.0,
+             "checkpointing": "off", "impl": "official"}]
+    table = bench.ratio_table(rows)
+    ours = next(line for line in table.splitlines() if line.startswith("| ours"))
+    assert "| 2.50x | 1.50x |" in ours
+    good = tmp_path / "official.py"
+    good.write_text("import torch\ndef build_official(spatial_dims):\n    return torch.nn.Identity()\n")
+    assert type(bench.load_official_factory(good)(3)).__name__ == "Identity"
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(SystemExit, match="build_official"):
+        bench.load_official_factory(bad)
