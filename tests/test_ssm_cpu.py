@@ -176,3 +176,25 @@ def test_backward_with_small_items_for_long_rows(monkeypatch: pytest.MonkeyPatch
     torch.testing.assert_close(small[0], ref[0], rtol=0, atol=0)  # the forward is untouched
     for name in ref[2]:
         torch.testing.assert_close(small[2][name], ref[2][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_numba_chunk_larger_than_the_stack_buffers_is_refused():
+    from napari_medmamba.ssm import _cpu_numba
+
+    with pytest.raises(ValueError, match="chunk must be between 1 and"):
+        NumbaScanCore(chunk=_cpu_numba.MAX_CHUNK + 1)
+
+
+def test_odd_channel_count_per_work_item_matches_reference():
+    """The backward takes channels two at a time: an item with an odd count ends with a zero dummy."""
+    inputs = make_inputs(1, 5, 600, 16, None, seed=11)  # one item of 5 or items of 3 + 2 channels
+    core = NumbaScanCore(chunk=128)
+
+    def fn(**kw):
+        return run_scan(core, **kw)
+
+    out, last, grads = run_with_grads(fn, inputs, True, True)
+    ref_out, ref_last, ref_grads = run_with_grads(selective_scan_ref, inputs, True, True)
+    assert rel_max_err(out, ref_out) < 1e-9 and rel_max_err(last, ref_last) < 1e-9
+    for name in grads:
+        assert rel_max_err(grads[name], ref_grads[name]) < 1e-9, name

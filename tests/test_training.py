@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from napari_medmamba.training.augment import PatchSampler, augment_batch
 from napari_medmamba.training.dataset import CachedCases, build_cache, load_case_folder
@@ -87,10 +88,39 @@ def test_sampler_and_augment_shapes(cache):
     rng = np.random.default_rng(0)
     x, y = s.sample(6, rng)
     assert x.shape == (6, 1, 40, 56, 40) and y.shape == (6, 40, 56, 40) and (y > 0).any()
-    xa, ya, m = augment_batch(torch.from_numpy(x), torch.from_numpy(y), rng,
-                              mask=torch.from_numpy(y > 0))
+    xa, ya, m, present = augment_batch(torch.from_numpy(x), torch.from_numpy(y), rng,
+                                       mask=torch.from_numpy(y > 0))
+    assert present is None
     assert xa.shape == x.shape and ya.shape == y.shape and set(ya.unique().tolist()) <= {0, 1, 2}
     assert torch.equal(m, ya > 0)  # the mask moves exactly like the labels
+
+
+def test_left_right_flip_swaps_paired_labels_and_their_present_flags():
+    """A flipped CT shows the right parotid on the left: labels 3/4 and their partial-label flags swap."""
+    from napari_medmamba.models.registry import get_model_spec
+    from napari_medmamba.training.augment import AugmentConfig
+
+    pairs = get_model_spec("lightm_unet_3d_hn_oar").contract.lr_label_pairs
+    assert pairs == ((3, 4),)
+    y = torch.zeros(2, 2, 3, 8, dtype=torch.long)
+    y[:, :, :, 1] = 3  # right parotid at low x (RAS); the left one was not contoured; brainstem at x = 4
+    y[:, :, :, 4] = 1
+    x = y.float().unsqueeze(1)
+    present = torch.tensor([[True, True, False, True, False, False, False, False]] * 2)
+    rng = np.random.default_rng(0)
+    no_aug = dict(p_affine=0.0, p_intensity_scale=0.0, p_shift=0.0, p_gamma=0.0, p_noise=0.0)
+    xa, ya, _, pa = augment_batch(x, y, rng, AugmentConfig(p_flip_lr=1.0, **no_aug), lr_label_pairs=pairs,
+                                  present=present)
+    assert torch.equal(xa[:, 0], y.flip(-1).float())  # the image is mirrored as it is
+    assert (ya[..., 6] == 4).all() and (ya[..., 1] == 0).all()  # the gland now on the left is a left parotid
+    assert (ya[..., 3] == 1).all()  # other organs just move
+    assert pa[:, 4].all() and not pa[:, 3].any()  # the mirrored case contoured its left parotid only
+    assert torch.equal(pa[:, [0, 1, 2, 5, 6, 7]], present[:, [0, 1, 2, 5, 6, 7]])
+    _, yb, _, pb = augment_batch(x, y, rng, AugmentConfig(p_flip_lr=0.0, **no_aug), lr_label_pairs=pairs,
+                                 present=present)
+    assert torch.equal(yb, y) and torch.equal(pb, present)
+    _, yc, _, _ = augment_batch(x, y, rng, AugmentConfig(p_flip_lr=1.0, **no_aug))  # no pairs: a plain mirror
+    assert torch.equal(yc, y.flip(-1))
 
 
 def test_loss_decreases_on_one_batch(cache):
@@ -203,3 +233,18 @@ def test_train_2d_model_slicewise_and_warm_restart(cache, tmp_path):
     start, restarted = load_checkpoint(init), load_checkpoint(tmp_path / "c" / "weights.safetensors")
     for (k, a), (_, b) in zip(start.state_dict().items(), restarted.state_dict().items()):
         assert torch.equal(a, b), k  # no step taken: the restart holds exactly the initial weights
+
+
+def test_top_k_cross_entropy_keeps_only_the_hardest_voxels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, 6)
+    target = torch.randint(0, 3, (2, 4, 5, 6))
+    ignore = torch.zeros(2, 4, 5, 6, dtype=torch.bool)
+    ignore[:, :2] = True
+    dice_only = dice_ce_loss(logits, target, ignore) - F.cross_entropy(logits, target, reduction="none")[~ignore].mean()
+    ce = F.cross_entropy(logits, target, reduction="none")[~ignore]
+    hardest = ce.sort(descending=True).values[: int(0.25 * ce.numel())].mean()
+    assert torch.allclose(dice_ce_loss(logits, target, ignore, ce_top_k=0.25), dice_only + hardest, atol=1e-6)
+    assert torch.allclose(dice_ce_loss(logits, target, ignore, ce_top_k=1.0), dice_ce_loss(logits, target, ignore))
+    with pytest.raises(ValueError, match="ce_top_k"):
+        dice_ce_loss(logits, target, ce_top_k=0.0)

@@ -50,6 +50,10 @@ class InputContract:
     """Recommended clean-up: the classes (label values) whose largest connected component alone is kept,
     chosen by measuring on validation cases; empty: no clean-up is recommended. Plain data, turned into an
     engine ``Postprocess`` by ``napari_medmamba.inference.postprocessing.recommended_postprocess``."""
+    lr_label_pairs: tuple[tuple[int, int], ...] = ()
+    """Label pairs that trade places in a left-right mirror image (a right and a left organ): training's
+    left-right flip augmentation swaps them (and the partial-label flags), so that a flipped patch still
+    says which side is which."""
 
     @property
     def num_classes(self) -> int:

@@ -30,7 +30,8 @@ HN_OAR_COLORS = ("#000000", "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4
 _CT_HN = {"in_channels": 1, "label_names": HN_OAR_LABELS, "label_colors": HN_OAR_COLORS,
           "target_spacing": (2.5, 4.0, 4.0), "modality": "CT", "normalization": "ct",
           # 0.5/99.5 percentiles of organ voxels in 40 OpenKBP cases, then their mean/std (nnU-Net's CT scheme)
-          "ct_window": (-990.0, 1550.0), "ct_stats": (152.2, 394.4)}
+          "ct_window": (-990.0, 1550.0), "ct_stats": (152.2, 394.4),
+          "lr_label_pairs": ((3, 4),)}  # right and left parotid
 _PATCH_CT = (64, 128, 128)  # 160 x 512 x 512 mm: the whole head-and-neck field of view in-plane
 HN_OAR_LARGEST_COMPONENT = (1, 3, 4, 6, 7)
 """Recommended clean-up of the head-and-neck models: keep the largest connected component of brainstem,

@@ -55,6 +55,8 @@ class NumbaScanCore:
     def __init__(self, chunk: int | None = None):
         self.kernels = _kernels()
         self.chunk = chunk or self.kernels.CHUNK
+        if not 1 <= self.chunk <= self.kernels.MAX_CHUNK:
+            raise ValueError(f"chunk must be between 1 and {self.kernels.MAX_CHUNK}, got {self.chunk}")
 
     def _slices_for(self, u: torch.Tensor, Bt: torch.Tensor) -> int:
         batch, dim, _ = u.shape

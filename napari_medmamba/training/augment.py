@@ -1,20 +1,22 @@
 """Patch sampling (NumPy, CPU) and batched data augmentation (torch, any device).
 
 Arrays are (z, y, x) in the model contract's orientation (RAS: x is the left-right axis), so the only
-flip is along x; flipping y or z would swap anterior and posterior hippocampus (or head and tail).
+flip is along x; flipping y or z would swap anterior and posterior hippocampus (or head and tail). A
+left-right flip turns a right organ into a left one: labels given as ``lr_label_pairs`` (the contract's)
+swap with it, and so do their partial-label flags.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PatchSampler", "AugmentConfig", "augment_batch"]
+__all__ = ["PatchSampler", "AugmentConfig", "Augmented", "augment_batch"]
 
 
 class PatchSampler:
@@ -97,18 +99,47 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
+class Augmented(NamedTuple):
+    """An augmented batch: images, labels, the optional mask and partial-label flags, moved alike."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor | None
+    present: torch.Tensor | None
+
+
+def _swap_labels(y: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
+    out = y.clone()
+    for a, c in pairs:
+        out[y == a] = c
+        out[y == c] = a
+    return out
+
+
 def augment_batch(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
-                  cfg: AugmentConfig = AugmentConfig(), mask: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                  cfg: AugmentConfig = AugmentConfig(), mask: torch.Tensor | None = None,
+                  lr_label_pairs: Sequence[tuple[int, int]] = (), present: torch.Tensor | None = None
+                  ) -> Augmented:
     """Augment images ``x`` (B, 1, Z, Y, X) and labels ``y`` (B, Z, Y, X) (and an optional bool ``mask``
     of the same shape, moved like the labels). Random parameters come from ``rng`` (NumPy, CPU); the
-    gaussian noise from torch's generator on ``x``'s device. Labels use nearest-neighbour sampling."""
+    gaussian noise from torch's generator on ``x``'s device. Labels use nearest-neighbour sampling.
+
+    ``lr_label_pairs``: (right, left) label pairs that swap in a left-right flipped sample; ``present``
+    (B, C) bool partial-label flags, whose columns of those pairs swap with them (returned, else None)."""
     b, dev = x.shape[0], x.device
     # left-right flip (x axis) only
     flip = torch.as_tensor(rng.random(b) < cfg.p_flip_lr, device=dev)
     if bool(flip.any()):
         x = torch.where(flip.view(b, 1, 1, 1, 1), x.flip(-1), x)
-        y = torch.where(flip.view(b, 1, 1, 1), y.flip(-1), y)
+        y_flipped = y.flip(-1)
+        if lr_label_pairs:
+            y_flipped = _swap_labels(y_flipped, lr_label_pairs)
+            if present is not None:
+                swapped = present.clone()
+                for a, c in lr_label_pairs:
+                    swapped[:, [a, c]] = present[:, [c, a]]
+                present = torch.where(flip.view(b, 1).to(present.device), swapped, present)
+        y = torch.where(flip.view(b, 1, 1, 1), y_flipped, y)
         if mask is not None:
             mask = torch.where(flip.view(b, 1, 1, 1), mask.flip(-1), mask)
     # rotation + isotropic scaling
@@ -147,4 +178,4 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
     std = per_sample(cfg.p_noise, *cfg.noise_std, 0.0)
     if bool((std > 0).any()):
         x = x + torch.randn_like(x) * std
-    return x, y, mask
+    return Augmented(x, y, mask, present)

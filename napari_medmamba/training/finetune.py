@@ -537,7 +537,7 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
         x = torch.from_numpy(np.stack(xs))[:, None].to(dev)
         y = torch.from_numpy(np.stack(ys)).to(dev)
         ig = torch.from_numpy(np.stack(igs)).to(dev)
-        x, y, ig = augment_batch(x, y, rng, augment, mask=ig)
+        x, y, ig, _ = augment_batch(x, y, rng, augment, mask=ig, lr_label_pairs=contract.lr_label_pairs)
         logits = net(x)
         loss = dice_ce_loss(logits, y, ignore_mask=ig)
         if teacher is not None:

@@ -11,7 +11,7 @@ __all__ = ["dice_ce_loss", "dice_per_class"]
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_mask: torch.Tensor | None = None,
                  smooth: float = 1e-5, include_background: bool = False,
-                 present: torch.Tensor | None = None) -> torch.Tensor:
+                 present: torch.Tensor | None = None, ce_top_k: float | None = None) -> torch.Tensor:
     """Cross-entropy plus (1 - soft Dice), batch Dice over foreground classes (nnU-Net style).
 
     ``logits`` (B, C, *spatial), ``target`` (B, *spatial) integer labels, ``ignore_mask`` (B, *spatial)
@@ -22,7 +22,13 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_mask: torch.
     (the probabilities of background and of every uncontoured class are summed before cross-entropy, and
     Dice of a class only counts samples that contoured it), so an uncontoured organ is never taught as
     background. With ``present`` None (or all True) this is the ordinary loss.
+
+    ``ce_top_k`` (a fraction in (0, 1]): cross-entropy averaged over that fraction of the valid voxels with
+    the largest loss only (nnU-Net's TopK loss), which keeps a small, not yet learned organ's voxels from
+    being averaged away among millions of easy background voxels.
     """
+    if ce_top_k is not None and not 0.0 < ce_top_k <= 1.0:
+        raise ValueError(f"ce_top_k must be in (0, 1], got {ce_top_k}")
     logits = logits.float()
     target = target.long()
     valid = torch.ones_like(target, dtype=torch.bool) if ignore_mask is None else ~ignore_mask.bool()
@@ -44,7 +50,11 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_mask: torch.
     log_bg = torch.logsumexp(bg_terms, dim=1)
     log_p_target = log_probs.gather(1, safe_target.unsqueeze(1)).squeeze(1)
     ce = -torch.where(safe_target == 0, log_bg, log_p_target)
-    ce = (ce * valid).sum() / n_valid
+    if ce_top_k is None:
+        ce = (ce * valid).sum() / n_valid
+    else:
+        k = max(1, int(ce_top_k * int(n_valid)))
+        ce = torch.topk(torch.where(valid, ce, torch.full_like(ce, -1.0)).flatten(), k, sorted=False).values.mean()
     probs = log_probs.exp()
     onehot = F.one_hot(safe_target, n_cls).movedim(-1, 1).to(probs.dtype)
     w = valid.unsqueeze(1).to(probs.dtype) * present_b.to(probs.dtype).view(-1, n_cls, *spatial)

@@ -170,12 +170,13 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
           resume: bool = True, checkpoint_every_s: float = 60.0, log: Callable[[str], Any] = print,
           patch_size: Sequence[int] | None = None, max_steps: int | None = None, log_every_s: float = 10.0,
           augment: AugmentConfig = AugmentConfig(), init_weights: str | Path | None = None,
-          activation_checkpointing: bool = False) -> dict:
+          activation_checkpointing: bool = False, ce_top_k: float | None = None) -> dict:
     """Train ``model_name`` on the cache's training cases for ``budget_s`` seconds (or ``max_steps``).
 
     Validation cases come from ``val_ids``, else from the ``split`` JSON (default: the shipped MSD
     hippocampus split); they are never trained on. ``init_weights`` (safetensors of the same architecture)
-    starts from those weights instead of a fresh initialisation (a warm restart: new optimiser). Writes ``checkpoint.pt`` (resumed when present and
+    starts from those weights instead of a fresh initialisation (a warm restart: new optimiser). ``ce_top_k``:
+    cross-entropy over that fraction of the hardest voxels (see :func:`dice_ce_loss`). Writes ``checkpoint.pt`` (resumed when present and
     ``resume``), ``weights.safetensors`` (fp16) and ``model_card.json`` to ``out_dir``; returns the card.
     """
     out = Path(out_dir)
@@ -239,7 +240,8 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
         xb, yb, case_idx = sampler.sample_with_cases(batch_size, rng)
         x = torch.from_numpy(xb).to(dev, non_blocking=True)
         y = torch.from_numpy(yb).to(dev, non_blocking=True)
-        x, y, _ = augment_batch(x, y, rng, augment)
+        rows = present[case_idx].to(dev) if partial else None
+        x, y, _, rows = augment_batch(x, y, rng, augment, lr_label_pairs=contract.lr_label_pairs, present=rows)
         if two_d:
             x, y = x[:, :, 0], y[:, 0]
         for g in opt.param_groups:
@@ -248,7 +250,7 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
         try:
             with _autocast(dev, amp_now):
                 logits = model(x)
-            loss = dice_ce_loss(logits, y, present=present[case_idx].to(dev) if partial else None)
+            loss = dice_ce_loss(logits, y, present=rows, ce_top_k=ce_top_k)
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(loss))
             if finite:
@@ -307,14 +309,17 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
         "input_contract": {"spatial_dims": contract.spatial_dims, "in_channels": contract.in_channels,
                            "patch_size": list(contract.patch_size), "target_spacing_zyx_mm": contract.target_spacing,
                            "orientation": contract.orientation, "modality": contract.modality,
-                           "normalization": contract.normalization},
+                           "normalization": contract.normalization,
+                           "lr_label_pairs": [list(pair) for pair in contract.lr_label_pairs]},
         "labels": [{"value": i, "name": n, "color": c}
                    for i, (n, c) in enumerate(zip(contract.label_names, contract.label_colors))],
         "validation_dice": summary,
         "training": {"steps": step, "seconds": round(elapsed, 1), "device": device_name, "amp": amp_now if dev.type == "cuda" else "none",
                      "batch_size": batch_size, "patch_size": list(patch), "optimizer": "AdamW",
                      "lr": lr, "weight_decay": weight_decay, "schedule": f"linear warm-up {WARMUP_STEPS} steps, "
-                     "poly(0.9) over the time budget", "loss": "cross-entropy + soft Dice (foreground, batch)"
+                     "poly(0.9) over the time budget",
+                     "loss": ("cross-entropy" if ce_top_k is None else f"top-{ce_top_k:g} cross-entropy (hardest voxels)")
+                     + " + soft Dice (foreground, batch)"
                      + ("; partial labels: marginal (uncontoured organs merged into background, not taught as it)"
                         if partial else ""),
                      "augmentation": {k: v for k, v in vars(augment).items()}, "seed": seed,
@@ -350,12 +355,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--init-weights", default=None, help="safetensors to start from (warm restart)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute the full/half-resolution Mamba layers in backward (less memory, more time)")
+    p.add_argument("--ce-top-k", type=float, default=None,
+                   help="cross-entropy over this fraction of the hardest voxels only (e.g. 0.1; default: all)")
     a = p.parse_args(argv)
     card = train(a.model, a.cache, a.out, budget_s=a.budget_s, split=a.split, batch_size=a.batch_size, lr=a.lr,
                  weight_decay=a.weight_decay, seed=a.seed, device=a.device, amp=a.amp, resume=not a.no_resume,
                  checkpoint_every_s=a.checkpoint_every_s, max_steps=a.max_steps, patch_size=a.patch_size,
                  init_weights=a.init_weights, activation_checkpointing=a.activation_checkpointing,
-                 log=lambda s: print(s, flush=True))
+                 ce_top_k=a.ce_top_k, log=lambda s: print(s, flush=True))
     print(json.dumps(card["validation_dice"]["per_class"]), flush=True)
     return 0
 
