@@ -49,3 +49,16 @@ def test_ratio_table_and_official_loader(tmp_path: Path) -> None:
     bad.write_text("x = 1\n")
     with pytest.raises(SystemExit, match="build_official"):
         bench.load_official_factory(bad)
+
+
+def test_scan_cpu_kernels_times_two_versions_on_the_same_inputs(capsys: pytest.CaptureFixture) -> None:
+    import scan_cpu_kernels as bench
+
+    from napari_medmamba.ssm import _cpu_numba
+
+    bench.main(["--shapes", "1,3,300,16", "--repeats", "1", "--compare", _cpu_numba.__file__])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| (1,3,300,16)")]
+    assert [r.split("|")[2].strip() for r in rows] == ["compared", "current"]
+    for r in rows:
+        fwd, fwd_save, bwd, ratio = (float(v) for v in r.split("|")[3:7])
+        assert fwd > 0 and bwd > 0 and abs(ratio - (fwd_save + bwd) / fwd) < 0.01 * ratio + 0.01

@@ -82,10 +82,15 @@ def test_float64_matches_reference(impl, case):
         assert rel_max_err(grads[name], ref_grads[name]) < 1e-9, name
 
 
-@pytest.mark.parametrize("core", [NumbaScanCore(chunk=7), ChunkedScanCore(block_elements=64, chunk=5)],
-                         ids=["numba-chunk7", "torch-tiny-blocks"])
-def test_odd_chunk_and_block_sizes_match_reference(core):
-    inputs = make_inputs(2, 4, 45, 3, 2, seed=3)
+@pytest.mark.parametrize("core,shape", [
+    (NumbaScanCore(chunk=7), (2, 4, 45, 3, 2)),
+    (ChunkedScanCore(block_elements=64, chunk=5), (2, 4, 45, 3, 2)),
+    # the numba backward takes channels two at a time: a work item with an odd count (5, or 3 + 2 on two
+    # threads) ends with a zero dummy channel; N = 16 runs the specialised kernels with stack buffers
+    (NumbaScanCore(chunk=128), (1, 5, 600, 16, None)),
+], ids=["numba-chunk7", "torch-tiny-blocks", "numba-odd-channels-N16"])
+def test_odd_chunk_and_block_sizes_match_reference(core, shape):
+    inputs = make_inputs(*shape, seed=3)
 
     def fn(**kw):
         return run_scan(core, **kw)
@@ -184,17 +189,3 @@ def test_numba_chunk_larger_than_the_stack_buffers_is_refused():
     with pytest.raises(ValueError, match="chunk must be between 1 and"):
         NumbaScanCore(chunk=_cpu_numba.MAX_CHUNK + 1)
 
-
-def test_odd_channel_count_per_work_item_matches_reference():
-    """The backward takes channels two at a time: an item with an odd count ends with a zero dummy."""
-    inputs = make_inputs(1, 5, 600, 16, None, seed=11)  # one item of 5 or items of 3 + 2 channels
-    core = NumbaScanCore(chunk=128)
-
-    def fn(**kw):
-        return run_scan(core, **kw)
-
-    out, last, grads = run_with_grads(fn, inputs, True, True)
-    ref_out, ref_last, ref_grads = run_with_grads(selective_scan_ref, inputs, True, True)
-    assert rel_max_err(out, ref_out) < 1e-9 and rel_max_err(last, ref_last) < 1e-9
-    for name in grads:
-        assert rel_max_err(grads[name], ref_grads[name]) < 1e-9, name

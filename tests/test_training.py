@@ -248,3 +248,14 @@ def test_top_k_cross_entropy_keeps_only_the_hardest_voxels():
     assert torch.allclose(dice_ce_loss(logits, target, ignore, ce_top_k=1.0), dice_ce_loss(logits, target, ignore))
     with pytest.raises(ValueError, match="ce_top_k"):
         dice_ce_loss(logits, target, ce_top_k=0.0)
+
+
+def test_class_balanced_cross_entropy_weighs_every_labelled_class_alike():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 3, 2, 4, 4)
+    target = torch.zeros(1, 2, 4, 4, dtype=torch.long)
+    target[0, 0, 0, 0] = 2  # one voxel of class 2, none of class 1
+    ce = F.cross_entropy(logits, target, reduction="none")
+    balanced = (ce[target == 0].mean() + ce[target == 2].mean()) / 2
+    base = dice_ce_loss(logits, target)
+    assert torch.allclose(dice_ce_loss(logits, target, class_balanced_ce=0.5), base + 0.5 * balanced, atol=1e-6)

@@ -11,7 +11,8 @@ __all__ = ["dice_ce_loss", "dice_per_class"]
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_mask: torch.Tensor | None = None,
                  smooth: float = 1e-5, include_background: bool = False,
-                 present: torch.Tensor | None = None, ce_top_k: float | None = None) -> torch.Tensor:
+                 present: torch.Tensor | None = None, ce_top_k: float | None = None,
+                 class_balanced_ce: float = 0.0) -> torch.Tensor:
     """Cross-entropy plus (1 - soft Dice), batch Dice over foreground classes (nnU-Net style).
 
     ``logits`` (B, C, *spatial), ``target`` (B, *spatial) integer labels, ``ignore_mask`` (B, *spatial)
@@ -25,7 +26,9 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_mask: torch.
 
     ``ce_top_k`` (a fraction in (0, 1]): cross-entropy averaged over that fraction of the valid voxels with
     the largest loss only (nnU-Net's TopK loss), which keeps a small, not yet learned organ's voxels from
-    being averaged away among millions of easy background voxels.
+    being averaged away among millions of easy background voxels. ``class_balanced_ce`` > 0 adds that
+    weight times the cross-entropy averaged per class first (over each labelled class's voxels), then over
+    the classes: every class present in the batch pulls as hard as the background, however small it is.
     """
     if ce_top_k is not None and not 0.0 < ce_top_k <= 1.0:
         raise ValueError(f"ce_top_k must be in (0, 1], got {ce_top_k}")
@@ -49,12 +52,13 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_mask: torch.
     bg_terms = log_probs.masked_fill(~bg_members.view(-1, n_cls, *spatial), float("-inf"))
     log_bg = torch.logsumexp(bg_terms, dim=1)
     log_p_target = log_probs.gather(1, safe_target.unsqueeze(1)).squeeze(1)
-    ce = -torch.where(safe_target == 0, log_bg, log_p_target)
+    ce_vox = -torch.where(safe_target == 0, log_bg, log_p_target)
     if ce_top_k is None:
-        ce = (ce * valid).sum() / n_valid
+        ce = (ce_vox * valid).sum() / n_valid
     else:
         k = max(1, int(ce_top_k * int(n_valid)))
-        ce = torch.topk(torch.where(valid, ce, torch.full_like(ce, -1.0)).flatten(), k, sorted=False).values.mean()
+        ce = torch.topk(torch.where(valid, ce_vox, torch.full_like(ce_vox, -1.0)).flatten(), k,
+                        sorted=False).values.mean()
     probs = log_probs.exp()
     onehot = F.one_hot(safe_target, n_cls).movedim(-1, 1).to(probs.dtype)
     w = valid.unsqueeze(1).to(probs.dtype) * present_b.to(probs.dtype).view(-1, n_cls, *spatial)
@@ -63,6 +67,11 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_mask: torch.
     denom = ((probs + onehot) * w).sum(dims)
     dice = (2 * inter + smooth) / (denom + smooth).clamp_min(1e-8)
     counted = present_b.any(0)
+    if class_balanced_ce > 0:
+        labelled = onehot * valid.unsqueeze(1).to(probs.dtype)
+        voxels = labelled.sum(dims)
+        per_class = (ce_vox.unsqueeze(1) * labelled).sum(dims) / voxels.clamp_min(1.0)
+        ce = ce + class_balanced_ce * per_class[voxels > 0].mean()
     if not include_background:
         dice, counted = dice[1:], counted[1:]
     return ce + (1.0 - dice[counted].mean())

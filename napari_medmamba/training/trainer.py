@@ -170,13 +170,15 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
           resume: bool = True, checkpoint_every_s: float = 60.0, log: Callable[[str], Any] = print,
           patch_size: Sequence[int] | None = None, max_steps: int | None = None, log_every_s: float = 10.0,
           augment: AugmentConfig = AugmentConfig(), init_weights: str | Path | None = None,
-          activation_checkpointing: bool = False, ce_top_k: float | None = None) -> dict:
+          activation_checkpointing: bool = False, ce_top_k: float | None = None,
+          class_balanced_ce: float = 0.0) -> dict:
     """Train ``model_name`` on the cache's training cases for ``budget_s`` seconds (or ``max_steps``).
 
     Validation cases come from ``val_ids``, else from the ``split`` JSON (default: the shipped MSD
     hippocampus split); they are never trained on. ``init_weights`` (safetensors of the same architecture)
     starts from those weights instead of a fresh initialisation (a warm restart: new optimiser). ``ce_top_k``:
-    cross-entropy over that fraction of the hardest voxels (see :func:`dice_ce_loss`). Writes ``checkpoint.pt`` (resumed when present and
+    cross-entropy over that fraction of the hardest voxels; ``class_balanced_ce``: weight of a per-class averaged
+    cross-entropy term (both: see :func:`dice_ce_loss`). Writes ``checkpoint.pt`` (resumed when present and
     ``resume``), ``weights.safetensors`` (fp16) and ``model_card.json`` to ``out_dir``; returns the card.
     """
     out = Path(out_dir)
@@ -250,7 +252,8 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
         try:
             with _autocast(dev, amp_now):
                 logits = model(x)
-            loss = dice_ce_loss(logits, y, present=rows, ce_top_k=ce_top_k)
+            loss = dice_ce_loss(logits, y, present=rows, ce_top_k=ce_top_k,
+                                    class_balanced_ce=class_balanced_ce)
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(loss))
             if finite:
@@ -319,6 +322,7 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
                      "lr": lr, "weight_decay": weight_decay, "schedule": f"linear warm-up {WARMUP_STEPS} steps, "
                      "poly(0.9) over the time budget",
                      "loss": ("cross-entropy" if ce_top_k is None else f"top-{ce_top_k:g} cross-entropy (hardest voxels)")
+                     + (f" + {class_balanced_ce:g} x class-balanced cross-entropy" if class_balanced_ce else "")
                      + " + soft Dice (foreground, batch)"
                      + ("; partial labels: marginal (uncontoured organs merged into background, not taught as it)"
                         if partial else ""),
@@ -357,12 +361,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="recompute the full/half-resolution Mamba layers in backward (less memory, more time)")
     p.add_argument("--ce-top-k", type=float, default=None,
                    help="cross-entropy over this fraction of the hardest voxels only (e.g. 0.1; default: all)")
+    p.add_argument("--class-balanced-ce", type=float, default=0.0,
+                   help="weight of an extra cross-entropy averaged per class first (helps small organs; default 0)")
     a = p.parse_args(argv)
     card = train(a.model, a.cache, a.out, budget_s=a.budget_s, split=a.split, batch_size=a.batch_size, lr=a.lr,
                  weight_decay=a.weight_decay, seed=a.seed, device=a.device, amp=a.amp, resume=not a.no_resume,
                  checkpoint_every_s=a.checkpoint_every_s, max_steps=a.max_steps, patch_size=a.patch_size,
                  init_weights=a.init_weights, activation_checkpointing=a.activation_checkpointing,
-                 ce_top_k=a.ce_top_k, log=lambda s: print(s, flush=True))
+                 ce_top_k=a.ce_top_k, class_balanced_ce=a.class_balanced_ce,
+                 log=lambda s: print(s, flush=True))
     print(json.dumps(card["validation_dice"]["per_class"]), flush=True)
     return 0
 

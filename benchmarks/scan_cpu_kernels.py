@@ -1,0 +1,86 @@
+"""Time the numba selective-scan kernels alone (no autograd, no copies): forward, forward saving the
+checkpoints a backward needs, backward. For before/after comparisons in one process, ``--compare FILE``
+loads another version of ``napari_medmamba/ssm/_cpu_numba.py`` (e.g. ``git show REV:napari_medmamba/ssm/_cpu_numba.py
+> /tmp/old.py``) and times it on the same inputs.
+
+    python benchmarks/scan_cpu_kernels.py --compare /tmp/old.py --shapes 1,32,262144,16 2,64,32768,16
+
+Prints a markdown table: min wall ms of the repeats on all numba threads, and (fwd saving + bwd) / fwd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from types import ModuleType
+
+import numpy as np
+
+from napari_medmamba.ssm import _cpu_numba
+from napari_medmamba.ssm.cpu import BACKWARD_MAX_CHANNELS, LARGE_ROW_BYTES, _slices
+
+DEFAULT_SHAPES = ["1,32,262144,16", "2,64,32768,16", "1,64,1048576,16", "1,128,131072,16"]
+
+
+def load_module(path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("scan_kernels_compared", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def time_kernels(mod: ModuleType, shape: tuple[int, int, int, int], repeats: int, seed: int = 0) -> dict[str, float]:
+    """Min wall ms of forward, forward saving checkpoints and backward (a Mamba-block call: D, z, bias, softplus)."""
+    b, d, length, n = shape
+    rng = np.random.default_rng(seed)
+    f = np.float32
+    u = rng.standard_normal((b, d, length)).astype(f)
+    delta = (rng.standard_normal((b, d, length)) * 0.5 - 1).astype(f)
+    A = -np.exp(rng.standard_normal((d, n))).astype(f)
+    Bt, Ct = (rng.standard_normal((b, 1, length, n)).astype(f) for _ in range(2))
+    D = rng.standard_normal(d).astype(f)
+    z, dout = (rng.standard_normal((b, d, length)).astype(f) for _ in range(2))
+    bias = (rng.standard_normal(d) * 0.1).astype(f)
+    slices = _slices(b, 1, d, mod.num_threads())
+    bslices = max(slices, -(-d // BACKWARD_MAX_CHANNELS)) if length * 4 >= LARGE_ROW_BYTES else slices
+
+    def fwd(save: bool):
+        return mod.scan_forward(u, delta, A, Bt, Ct, D, z, bias, True, slices, mod.CHUNK, save)
+
+    saved = fwd(True)[2]
+
+    def bwd():
+        return mod.scan_backward(u, delta, A, Bt, Ct, D, z, bias, True, bslices, mod.CHUNK, saved, dout, None)
+
+    out = {}
+    for key, fn in (("fwd", lambda: fwd(False)), ("fwd_save", lambda: fwd(True)), ("bwd", bwd)):
+        fn()  # warm-up (and compilation)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[key] = 1e3 * min(times)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="B,D,L,N (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--compare", help="another _cpu_numba.py to time first on the same inputs (label 'compared')")
+    a = p.parse_args(argv)
+    versions = ([("compared", load_module(a.compare))] if a.compare else []) + [("current", _cpu_numba)]
+    print("| shape (B,D,L,N) | kernels | fwd ms | fwd saving ms | bwd ms | (fwd saving + bwd) / fwd |")
+    print("|---|---|---|---|---|---|")
+    for text in a.shapes:
+        shape = tuple(int(v) for v in text.split(","))
+        for label, mod in versions:
+            r = time_kernels(mod, shape, a.repeats)  # type: ignore[arg-type]
+            print(f"| ({text}) | {label} | {r['fwd']:.4g} | {r['fwd_save']:.4g} | {r['bwd']:.4g} | "
+                  f"{(r['fwd_save'] + r['bwd']) / r['fwd']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
