@@ -362,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ce-top-k", type=float, default=None,
                    help="cross-entropy over this fraction of the hardest voxels only (e.g. 0.1; default: all)")
     p.add_argument("--class-balanced-ce", type=float, default=0.0,
-                   help="weight of an extra cross-entropy averaged per class first (helps small organs; default 0)")
+                   help="weight of an extra cross-entropy averaged per class first (default 0; at 1.0 it made the CT model worse, docs/training.md)")
     a = p.parse_args(argv)
     card = train(a.model, a.cache, a.out, budget_s=a.budget_s, split=a.split, batch_size=a.batch_size, lr=a.lr,
                  weight_decay=a.weight_decay, seed=a.seed, device=a.device, amp=a.amp, resume=not a.no_resume,
