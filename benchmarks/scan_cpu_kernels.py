@@ -15,9 +15,11 @@ import importlib.util
 import time
 from types import ModuleType
 
-import numpy as np
+import torch
+from scan import make_inputs
 
 from napari_medmamba.ssm import _cpu_numba
+from napari_medmamba.ssm._scan_autograd import _time_major
 from napari_medmamba.ssm.cpu import BACKWARD_MAX_CHANNELS, LARGE_ROW_BYTES, _slices
 
 DEFAULT_SHAPES = ["1,32,262144,16", "2,64,32768,16", "1,64,1048576,16", "1,128,131072,16"]
@@ -30,18 +32,14 @@ def load_module(path: str) -> ModuleType:
     return mod
 
 
-def time_kernels(mod: ModuleType, shape: tuple[int, int, int, int], repeats: int, seed: int = 0) -> dict[str, float]:
-    """Min wall ms of forward, forward saving checkpoints and backward (a Mamba-block call: D, z, bias, softplus)."""
-    b, d, length, n = shape
-    rng = np.random.default_rng(seed)
-    f = np.float32
-    u = rng.standard_normal((b, d, length)).astype(f)
-    delta = (rng.standard_normal((b, d, length)) * 0.5 - 1).astype(f)
-    A = -np.exp(rng.standard_normal((d, n))).astype(f)
-    Bt, Ct = (rng.standard_normal((b, 1, length, n)).astype(f) for _ in range(2))
-    D = rng.standard_normal(d).astype(f)
-    z, dout = (rng.standard_normal((b, d, length)).astype(f) for _ in range(2))
-    bias = (rng.standard_normal(d) * 0.1).astype(f)
+def time_kernels(mod: ModuleType, shape: tuple[int, int, int, int], repeats: int) -> dict[str, float]:
+    """Min wall ms of forward, forward saving checkpoints and backward, on ``benchmarks/scan.py``'s inputs
+    (a Mamba-block call: D, z, delta_bias, softplus) in the kernels' layouts."""
+    b, d, length, _ = shape
+    x = make_inputs(shape, torch.float32, "cpu", grad=False)
+    u, delta, z, A, D, bias = (x[k].numpy() for k in ("u", "delta", "z", "A", "D", "delta_bias"))
+    Bt, Ct = (_time_major(x[k], torch.float32).numpy() for k in ("B", "C"))
+    dout = torch.randn(b, d, length, generator=torch.Generator().manual_seed(1)).numpy()
     slices = _slices(b, 1, d, mod.num_threads())
     bslices = max(slices, -(-d // BACKWARD_MAX_CHANNELS)) if length * 4 >= LARGE_ROW_BYTES else slices
 

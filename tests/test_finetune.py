@@ -247,3 +247,23 @@ def test_anchor_keeps_a_class_the_corrections_never_show() -> None:
         a, b = after.labels.array == 2, base == 2
         agreement[weight] = 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
     assert agreement[1.0] > agreement[0.0] + 0.01, agreement
+
+
+def test_finetune_flips_with_the_contracts_left_right_pairs(example, monkeypatch) -> None:
+    """Fine-tuning's left-right flip swaps the contract's right/left labels, as training's does."""
+    import dataclasses
+
+    import napari_medmamba.training.finetune as ft
+
+    spec = REGISTRY[BASE]
+    paired = dataclasses.replace(spec, contract=dataclasses.replace(spec.contract, lr_label_pairs=((1, 2),)))
+    seen = []
+    real = ft.augment_batch
+
+    def recording(*args, **kwargs):
+        seen.append(tuple(kwargs.get("lr_label_pairs", ())))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "augment_batch", recording)
+    finetune(paired, [example], max_steps=1, budget_s=120, mode="decoder", device="cpu", patch_size=PATCH)
+    assert seen and all(p == ((1, 2),) for p in seen)

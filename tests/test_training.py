@@ -166,6 +166,28 @@ def test_train_resume_weights_card(cache, tmp_path):
               split={"train": ["hippocampus_006"], "val": ["hippocampus_006"]}, **{**kw, "val_ids": None})
 
 
+
+def test_trainer_cli_passes_the_loss_options_to_the_loss(cache, tmp_path, monkeypatch):
+    import napari_medmamba.training.trainer as trainer
+
+    seen = []
+
+    def recording_loss(*args, **kwargs):
+        seen.append((kwargs.get("ce_top_k"), kwargs.get("class_balanced_ce")))
+        return dice_ce_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "dice_ce_loss", recording_loss)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["hippocampus_001", "hippocampus_003", "hippocampus_004"],
+                                 "val": ["hippocampus_006"]}))
+    assert trainer.main(["--model", "unet_3d", "--cache", str(cache), "--out", str(tmp_path / "run"),
+                         "--budget-s", "1e6", "--max-steps", "1", "--batch-size", "2", "--patch-size", "16", "16",
+                         "16", "--device", "cpu", "--split", str(split), "--ce-top-k", "0.1",
+                         "--class-balanced-ce", "0.5"]) == 0
+    assert seen == [(0.1, 0.5)]
+    loss = json.loads((tmp_path / "run" / "model_card.json").read_text())["training"]["loss"]
+    assert "top-0.1 cross-entropy" in loss and "0.5 x class-balanced cross-entropy" in loss
+
 def test_trainer_path_needs_no_simpleitk_or_qt():
     code = (
         "import builtins, sys\n"
