@@ -37,6 +37,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from . import _large_arrays
+
 __all__ = ["CHUNK", "scan_forward", "scan_backward", "num_threads"]
 
 #: time steps per checkpoint / recomputation chunk (a chunk of B, C, states stays in L2; rows of
@@ -487,8 +489,8 @@ def scan_forward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus: bool, slices: 
     batch, dim, length = u.shape
     n_state = A.shape[1]
     n_chunks = -(-length // chunk) if need_backward else 0
-    out = np.empty_like(u)
-    y_pre = np.empty_like(u) if (need_backward and z is not None) else np.empty((0, 0, 0), u.dtype)
+    out = _large_arrays.empty(u.shape, u.dtype)
+    y_pre = _large_arrays.empty(u.shape, u.dtype) if (need_backward and z is not None) else np.empty((0, 0, 0), u.dtype)
     checkpoints = np.empty((batch, dim, n_chunks, n_state), dtype=u.dtype)
     last_state = np.empty((batch, dim, n_state), dtype=u.dtype)
     none = _empty(u.dtype)
@@ -515,11 +517,11 @@ def scan_backward(u, delta, A, Bt, Ct, D, z, delta_bias, softplus: bool, slices:
     dtype = u.dtype
     if d_last is None:
         d_last = np.empty((0, 0, 0), dtype=dtype)
-    du, ddelta = np.empty_like(u), np.empty_like(u)
-    dz = np.empty_like(u) if z is not None else np.empty((0, 0, 0), dtype)
+    du, ddelta = _large_arrays.empty(u.shape, dtype), _large_arrays.empty(u.shape, dtype)
+    dz = _large_arrays.empty(u.shape, dtype) if z is not None else np.empty((0, 0, 0), dtype)
     dA_part = np.empty((batch,) + A.shape, dtype=dtype)
-    dBt = np.zeros((slices,) + Bt.shape, dtype=dtype)
-    dCt = np.zeros((slices,) + Ct.shape, dtype=dtype)
+    dBt = _large_arrays.zeros((slices,) + Bt.shape, dtype)
+    dCt = _large_arrays.zeros((slices,) + Ct.shape, dtype)
     dD_part = np.zeros((batch, dim), dtype=dtype)
     dbias_part = np.zeros((batch, dim), dtype=dtype)
     none = _empty(dtype)
