@@ -36,6 +36,15 @@ def test_large_arrays_are_mapped_aligned_zeroed_and_writable():
         assert arr.sum() == 7.0
 
 
+@needs_madvise
+def test_environment_switch_turns_mappings_off(monkeypatch: pytest.MonkeyPatch):
+    shape = (_large_arrays.HUGE_MIN_BYTES // 4,)
+    assert isinstance(_owner(_large_arrays.empty(shape, np.float32)), mmap.mmap)
+    monkeypatch.setenv(_large_arrays.ENV_VAR, "0")
+    plain = _large_arrays.zeros(shape, np.float32)
+    assert plain.base is None and not plain.any()
+
+
 def test_small_arrays_are_plain_numpy():
     arr = _large_arrays.zeros((4, 5), np.float64)
     assert arr.base is None and arr.dtype == np.float64 and not arr.any()

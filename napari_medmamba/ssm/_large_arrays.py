@@ -5,20 +5,27 @@ long sequence (e.g. (1, 32, 262144) float32 rows) page-faults its outputs in 4 K
 10 ms per 32 MiB on a 2-core EPYC, as much as a third of a forward+backward. An anonymous private
 mapping advised ``MADV_HUGEPAGE`` faults in 2 MiB pages instead (1.6 ms per 32 MiB there). This is what
 PyTorch's ``THP_MEM_ALLOC_ENABLE`` and glibc's ``glibc.malloc.hugetlb`` do, but both must be set before
-the process starts. Elsewhere (no ``MADV_HUGEPAGE``, small arrays) these are plain ``np.empty`` /
-``np.zeros``. The mapping is released when the last array (or tensor) viewing it is freed.
+the process starts. Elsewhere (no ``MADV_HUGEPAGE``, small arrays, or ``MEDMAMBA_HUGE_PAGES=0`` in the
+environment) these are plain ``np.empty`` / ``np.zeros``. The mapping is released when the last array (or
+tensor) viewing it is freed.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 
 import numpy as np
 
-__all__ = ["empty", "zeros", "HUGE_MIN_BYTES"]
+__all__ = ["empty", "zeros", "HUGE_MIN_BYTES", "ENV_VAR"]
 
-#: arrays at least this large get their own huge-page mapping
-HUGE_MIN_BYTES = 4 << 20
+#: set to 0 to turn the huge-page mappings off (plain NumPy arrays), e.g. to compare
+ENV_VAR = "MEDMAMBA_HUGE_PAGES"
+
+#: arrays at least this large get their own huge-page mapping: glibc's largest mmap threshold. Smaller
+#: ones glibc recycles from its heap without new page faults; mapping those fresh each call measured slower
+#: (forward+backward at (2, 64, 32768, 16), 16 MiB rows: 61 ms plain, 64-71 ms mapped).
+HUGE_MIN_BYTES = 32 << 20
 _HUGE_PAGE = 2 << 20
 _CAN_ADVISE = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
 
@@ -28,7 +35,7 @@ def _mapped(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
     nbytes = count * dtype.itemsize
-    if not _CAN_ADVISE or nbytes < HUGE_MIN_BYTES:
+    if not _CAN_ADVISE or nbytes < HUGE_MIN_BYTES or os.environ.get(ENV_VAR, "1").strip() == "0":
         return None
     try:
         region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
