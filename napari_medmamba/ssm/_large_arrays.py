@@ -24,7 +24,7 @@ ENV_VAR = "MEDMAMBA_HUGE_PAGES"
 
 #: arrays at least this large get their own huge-page mapping: glibc's largest mmap threshold. Smaller
 #: ones glibc recycles from its heap without new page faults; mapping those fresh each call measured slower
-#: (forward+backward at (2, 64, 32768, 16), 16 MiB rows: 61 ms plain, 64-71 ms mapped).
+#: (forward+backward at (2, 64, 32768, 16), whose outputs are 16 MiB each: 61 ms plain, 64-71 ms mapped).
 HUGE_MIN_BYTES = 32 << 20
 _HUGE_PAGE = 2 << 20
 _CAN_ADVISE = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
