@@ -37,7 +37,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from . import _large_arrays
+# absolute: benchmarks/scan_cpu_kernels.py --compare loads a copy of this file outside the package
+from napari_medmamba.ssm import _large_arrays
 
 __all__ = ["CHUNK", "scan_forward", "scan_backward", "num_threads"]
 
