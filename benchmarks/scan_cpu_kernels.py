@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -20,13 +23,19 @@ from scan import make_inputs
 
 from napari_medmamba.ssm import _cpu_numba
 from napari_medmamba.ssm._scan_autograd import _time_major
-from napari_medmamba.ssm.cpu import BACKWARD_MAX_CHANNELS, LARGE_ROW_BYTES, _slices
+from napari_medmamba.ssm.cpu import NumbaScanCore
 
 DEFAULT_SHAPES = ["1,32,262144,16", "2,64,32768,16", "1,64,1048576,16", "1,128,131072,16"]
 
 
 def load_module(path: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("scan_kernels_compared", path)
+    """Import a copy of ``path`` from a temporary folder: numba's on-disk cache of the compared kernels then
+    lives beside the copy and never mixes with the package's own (loading the package's file in place wrote
+    cache entries that later imports of the package could not load)."""
+    folder = Path(tempfile.mkdtemp(prefix="scan_kernels_compared_"))
+    copy = folder / "scan_kernels_compared.py"
+    shutil.copyfile(path, copy)
+    spec = importlib.util.spec_from_file_location("scan_kernels_compared", copy)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     return mod
@@ -38,10 +47,11 @@ def time_kernels(mod: ModuleType, shape: tuple[int, int, int, int], repeats: int
     b, d, length, _ = shape
     x = make_inputs(shape, torch.float32, "cpu", grad=False)
     u, delta, z, A, D, bias = (x[k].numpy() for k in ("u", "delta", "z", "A", "D", "delta_bias"))
-    Bt, Ct = (_time_major(x[k], torch.float32).numpy() for k in ("B", "C"))
+    Bt_t = _time_major(x["B"], torch.float32)
+    Bt, Ct = Bt_t.numpy(), _time_major(x["C"], torch.float32).numpy()
     dout = torch.randn(b, d, length, generator=torch.Generator().manual_seed(1)).numpy()
-    slices = _slices(b, 1, d, mod.num_threads())
-    bslices = max(slices, -(-d // BACKWARD_MAX_CHANNELS)) if length * 4 >= LARGE_ROW_BYTES else slices
+    core = NumbaScanCore()  # the work split the CPU backend uses for these shapes
+    slices, bslices = core._slices_for(x["u"], Bt_t), core._backward_slices(x["u"], Bt_t)
 
     def fwd(save: bool):
         return mod.scan_forward(u, delta, A, Bt, Ct, D, z, bias, True, slices, mod.CHUNK, save)

@@ -166,7 +166,6 @@ def test_train_resume_weights_card(cache, tmp_path):
               split={"train": ["hippocampus_006"], "val": ["hippocampus_006"]}, **{**kw, "val_ids": None})
 
 
-
 def test_trainer_cli_passes_the_loss_options_to_the_loss(cache, tmp_path, monkeypatch):
     import napari_medmamba.training.trainer as trainer
 
@@ -187,6 +186,7 @@ def test_trainer_cli_passes_the_loss_options_to_the_loss(cache, tmp_path, monkey
     assert seen == [(0.1, 0.5)]
     loss = json.loads((tmp_path / "run" / "model_card.json").read_text())["training"]["loss"]
     assert "top-0.1 cross-entropy" in loss and "0.5 x class-balanced cross-entropy" in loss
+
 
 def test_trainer_path_needs_no_simpleitk_or_qt():
     code = (

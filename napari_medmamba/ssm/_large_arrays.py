@@ -2,7 +2,8 @@
 
 glibc serves every allocation of 32 MiB or more with a fresh ``mmap``, so each call of the scan on a
 long sequence (e.g. (1, 32, 262144) float32 rows) page-faults its outputs in 4 KiB at a time: about
-10 ms per 32 MiB on a 2-core EPYC, as much as a third of a forward+backward. An anonymous private
+10 ms per 32 MiB on a 2-core EPYC (a forward+backward at (1, 32, 262144, 16) makes seven such arrays; with
+huge pages it ran 141-144 ms instead of 155-160 ms, docs/benchmarks.md). An anonymous private
 mapping advised ``MADV_HUGEPAGE`` faults in 2 MiB pages instead (1.6 ms per 32 MiB there). This is what
 PyTorch's ``THP_MEM_ALLOC_ENABLE`` and glibc's ``glibc.malloc.hugetlb`` do, but both must be set before
 the process starts. Elsewhere (no ``MADV_HUGEPAGE``, small arrays, or ``MEDMAMBA_HUGE_PAGES=0`` in the
