@@ -13,6 +13,9 @@ activation checkpointing on (``set_activation_checkpointing``, levels ``--checkp
 and half resolution), one extra row per mode, so both appear in the same run:
 
     python benchmarks/model.py --cases train3d_128 train3d_96 --checkpointing layer cheap
+
+``--cuda-graphs`` runs every inference case once more replayed from a captured CUDA graph
+(``napari_medmamba.models.cuda_graph.GraphedForward``; with ``--official``, the official network too).
 Works on CPU too (``--device cpu``, slow: use ``--cases infer3d --size 64``).
 """
 
@@ -31,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from napari_medmamba.models.cuda_graph import GraphedForward  # noqa: E402
 from napari_medmamba.models.lightm_unet import LightMUNet, MambaLayer  # noqa: E402
 from napari_medmamba.ssm.dispatch import resolve_backend  # noqa: E402
 from napari_medmamba.training.losses import dice_ce_loss  # noqa: E402
@@ -67,12 +71,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device, warmup: int, repeat: int) -> tuple[float, float]:
-    """(median ms, peak MiB) of ``fn``."""
+def _timed(fn, device: torch.device, warmup: int, repeat: int, peak_from_start: bool = False) -> tuple[float, float]:
+    """(median ms, peak MiB) of ``fn``; the peak covers the warm-up too with ``peak_from_start`` (a CUDA graph's
+    memory pool is allocated when it is captured, in the first call)."""
+    if peak_from_start and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         fn()
     _sync(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not peak_from_start:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeat):
@@ -89,9 +96,11 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 def run_case(case: str, device: torch.device, size3d: int, size2d: int, warmup: int, repeat: int,
-             checkpointing: str | None = None, levels: Sequence[int] | None = None, factory=None) -> dict:
+             checkpointing: str | None = None, levels: Sequence[int] | None = None, factory=None,
+             graph: bool = False) -> dict:
     """One case; ``checkpointing`` (a MambaLayer mode) turns on activation checkpointing at ``levels``;
-    ``factory(spatial_dims)`` builds another implementation (the official one) instead of ours."""
+    ``factory(spatial_dims)`` builds another implementation (the official one) instead of ours; ``graph``
+    replays an inference case from a CUDA graph."""
     dims = 2 if "2d" in case else 3
     net = _net(dims, device) if factory is None else factory(dims).to(device)
     if checkpointing:
@@ -105,7 +114,14 @@ def run_case(case: str, device: torch.device, size3d: int, size2d: int, warmup: 
     else:
         shape, batch = (size2d,) * 2, 12 if train else 1
     x = torch.randn(batch, 1, *shape, device=device)
-    if not train:
+    if not train and graph:
+        net.eval()
+        graphed = GraphedForward(net, max_graphs=1)
+
+        def step():
+            with torch.inference_mode():
+                graphed(x, bf16)
+    elif not train:
         net.eval()
 
         def step():
@@ -125,11 +141,11 @@ def run_case(case: str, device: torch.device, size3d: int, size2d: int, warmup: 
             opt.step()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    ms, peak = _timed(step, device, warmup, repeat)
+    ms, peak = _timed(step, device, warmup, repeat, peak_from_start=graph)
     return {"case": case, "shape": list(shape), "batch": batch, "precision": "bf16 autocast" if bf16 else "fp32",
             "ms": round(ms, 2), "peak_mib": round(peak, 1),
             "checkpointing": _ckpt_label(net) if train and factory is None else "off",
-            "impl": "ours" if factory is None else "official"}
+            "impl": ("ours" if factory is None else "official") + (" + CUDA graph" if graph else "")}
 
 
 def _ckpt_label(net: LightMUNet) -> str:
@@ -206,7 +222,8 @@ def profile_kernels(device: torch.device, size3d: int, train: bool, top: int, re
 
 
 def ratio_table(rows: list[dict]) -> str:
-    """Markdown rows; where the official code ran the same case, official / ours for time and peak memory."""
+    """Markdown rows; where the official code ran the same case (eagerly), official / ours for time and peak
+    memory."""
     official = {r["case"]: r for r in rows if r.get("impl") == "official" and "error" not in r}
     lines = ["| implementation | case | shape x batch | precision | act. checkpointing | ms | peak MiB "
              "| official / ours: time | official / ours: memory |", "|---|---|---|---|---|---|---|---|---|"]
@@ -214,7 +231,7 @@ def ratio_table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r.get('impl', 'ours')} | {r['case']} | | | {r['checkpointing']} | {r['error']} | | | |")
             continue
-        ref = official.get(r["case"]) if r.get("impl", "ours") == "ours" else None
+        ref = official.get(r["case"]) if r.get("impl", "ours").startswith("ours") else None
         t = f"{ref['ms'] / r['ms']:.2f}x" if ref else ""
         m = f"{ref['peak_mib'] / r['peak_mib']:.2f}x" if ref and r["peak_mib"] == r["peak_mib"] else ""
         lines.append(f"| {r.get('impl', 'ours')} | {r['case']} | {'x'.join(map(str, r['shape']))} x {r['batch']} "
@@ -237,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a file (outside this repository) defining build_official(spatial_dims): the official "
                         "network, run on every case in the same process for same-run ratios")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also run every inference case replayed from a captured CUDA graph")
     p.add_argument("--checkpointing", nargs="*", default=None, choices=MambaLayer.CHECKPOINT_MODES,
                    help="also run each training case with activation checkpointing in these modes "
                         "(no value: layer)")
@@ -253,15 +272,25 @@ def main(argv: list[str] | None = None) -> int:
     factory = load_official_factory(a.official) if a.official else None
     if factory is not None:
         runs += [(case, "official") for case in a.cases]
+    if a.cuda_graphs:
+        inference = [case for case in a.cases if case.startswith("infer")]
+        runs += [(case, "graph") for case in inference]
+        runs += [(case, "official graph") for case in inference] if factory is not None else []
     rows = []
     for case, mode in runs:
-        official = mode == "official"
+        official = mode is not None and mode.startswith("official")
+        graph = mode is not None and mode.endswith("graph")
         try:
-            rows.append(run_case(case, device, a.size, a.size2d, a.warmup, a.repeat, None if official else mode,
-                                 a.checkpoint_levels, factory if official else None))
-        except torch.OutOfMemoryError as e:
-            rows.append({"case": case, "checkpointing": "off" if official else mode or "off",
-                         "impl": "official" if official else "ours", "error": f"out of memory: {str(e)[:120]}"})
+            rows.append(run_case(case, device, a.size, a.size2d, a.warmup, a.repeat,
+                                 None if official or graph else mode, a.checkpoint_levels,
+                                 factory if official else None, graph))
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not (graph or isinstance(e, torch.OutOfMemoryError)):
+                raise
+            what = "out of memory" if isinstance(e, torch.OutOfMemoryError) else "graph capture failed"
+            rows.append({"case": case, "checkpointing": "off" if official or graph else mode or "off",
+                         "impl": ("official" if official else "ours") + (" + CUDA graph" if graph else ""),
+                         "error": f"{what}: {str(e)[:120]}"})
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"device {name}, torch {torch.__version__}, scan backend {resolve_backend(device)}")

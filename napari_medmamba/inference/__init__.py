@@ -1,39 +1,35 @@
 """Inference engine: ``segment(volume, model)`` -> labels, probabilities and uncertainty on the scan's grid.
 
-Qt-free. See docs/inference.md.
+Qt-free. See docs/inference.md. Names load on first use, so that a submodule without SimpleITK
+(``body_crop``, ``postprocessing``) can be imported where SimpleITK is not installed (a training machine).
 """
 
-from .engine import DEFAULT_OVERLAP, FAST_SPACING_FACTOR, SegmentationResult, resolve_model, segment
-from .errors import SegmentationCancelled, SegmentationInputError
-from .postprocessing import (
-    POSTPROCESS_CHOICES,
-    Postprocess,
-    apply_postprocess,
-    describe_postprocess,
-    fill_holes,
-    keep_largest_component,
-    postprocess_for,
-    recommended_postprocess,
-    remove_small_islands,
-)
-from .preprocessing import normalize
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_OVERLAP",
-    "FAST_SPACING_FACTOR",
-    "POSTPROCESS_CHOICES",
-    "Postprocess",
-    "SegmentationCancelled",
-    "SegmentationInputError",
-    "SegmentationResult",
-    "apply_postprocess",
-    "describe_postprocess",
-    "fill_holes",
-    "keep_largest_component",
-    "normalize",
-    "postprocess_for",
-    "recommended_postprocess",
-    "remove_small_islands",
-    "resolve_model",
-    "segment",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "DEFAULT_OVERLAP": "engine", "FAST_SPACING_FACTOR": "engine", "SegmentationResult": "engine",
+    "resolve_model": "engine", "segment": "engine",
+    "SegmentationCancelled": "errors", "SegmentationInputError": "errors",
+    "POSTPROCESS_CHOICES": "postprocessing", "Postprocess": "postprocessing", "apply_postprocess": "postprocessing",
+    "describe_postprocess": "postprocessing", "fill_holes": "postprocessing",
+    "keep_largest_component": "postprocessing", "postprocess_for": "postprocessing",
+    "recommended_postprocess": "postprocessing", "remove_small_islands": "postprocessing",
+    "normalize": "preprocessing",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -23,6 +23,7 @@ from ..models.registry import InputContract, ModelSpec, get_model_spec
 from .errors import SegmentationCancelled, SegmentationInputError
 from .planner import ACTIVATION_BYTES_PER_VOXEL, TilePredictor, choose_device, free_memory_bytes, inference_threads, plan_batch_size
 from .postprocessing import Postprocess, apply_postprocess
+from .body_crop import body_box
 from .preprocessing import normalize, plan_orientation, resample_linear, working_shape
 from .sliding_window import sliding_window, tile_for, tile_with_slack
 from .to_source import SourceGridResult, to_source_grid
@@ -317,18 +318,26 @@ def segment(
             image = resample_linear(oriented, grid, work_geometry, shape, cancel=check)
         report("preprocess", 0.7)
         raise_if_cancelled()
+        stride = int(getattr(net, "stride", 1) or 1)
+        working = image.shape
+        box = (body_box(image, contract.body_threshold_hu, work_geometry.spacing_zyx, multiple=stride)
+               if contract.body_threshold_hu is not None and contract.spatial_dims == 3 else None)
+        if box is not None:
+            image = image[box]
         image = normalize(image, contract)
         report("preprocess", 1.0)
         timings["preprocess"] = time.perf_counter() - t0
 
         # --- inference: sliding window (2D models: one slice per tile)
         t0 = time.perf_counter()
-        stride = int(getattr(net, "stride", 1) or 1)
         if contract.spatial_dims == 2:
             image = np.moveaxis(image, contract.slice_axis, 0)
         spatial = image.shape[-len(contract.patch_size):]
-        tile = (tile_with_slack(spatial, contract.patch_size, stride) if contract.pad_to_patch
-                else tile_for(spatial, contract.patch_size, stride))
+        grown = tile_with_slack(spatial, contract.patch_size, stride, contract.max_tile_growth)
+        if box is not None:  # tiles no larger than the body's box (the model was trained on such tiles)
+            tile = tile_for(spatial, grown, stride)
+        else:
+            tile = grown if contract.pad_to_patch else tile_for(spatial, contract.patch_size, stride)
         patch = (1, *tile) if contract.spatial_dims == 2 else tile
         bytes_per_voxel = getattr(net, "activation_bytes_per_voxel", ACTIVATION_BYTES_PER_VOXEL)
         batch = plan_batch_size(free_memory_bytes(dev), int(np.prod(patch)), dev.type, bytes_per_voxel)
@@ -353,6 +362,11 @@ def segment(
             net.train(was_training)
             net.to(home)
         del image
+        if box is not None:  # outside the body: background, certain
+            full = np.zeros((contract.num_classes, *working), dtype=probs.dtype)
+            full[0] = 1.0
+            full[(slice(None), *box)] = probs
+            probs = full
         if contract.spatial_dims == 2:
             probs = np.moveaxis(probs, 1, 1 + contract.slice_axis)
         timings["inference"] = time.perf_counter() - t0

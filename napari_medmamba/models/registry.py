@@ -55,6 +55,13 @@ class InputContract:
     left-right flip augmentation swaps them (and the partial-label flags), so that a flipped patch still
     says which side is which."""
 
+    body_threshold_hu: float | None = None
+    """CT models: tile only the bounding box of the body (pieces above this HU, plus a margin; see
+    ``inference.body_crop``); everything outside it is background. None: the whole volume is tiled."""
+    max_tile_growth: float = 0.25
+    """A volume at most this fraction longer than the patch along an axis runs as one grown tile along it
+    (``sliding_window.tile_with_slack``), instead of several overlapping windows."""
+
     @property
     def num_classes(self) -> int:
         return len(self.label_names)

@@ -31,7 +31,9 @@ _CT_HN = {"in_channels": 1, "label_names": HN_OAR_LABELS, "label_colors": HN_OAR
           "target_spacing": (2.5, 4.0, 4.0), "modality": "CT", "normalization": "ct",
           # 0.5/99.5 percentiles of organ voxels in 40 OpenKBP cases, then their mean/std (nnU-Net's CT scheme)
           "ct_window": (-990.0, 1550.0), "ct_stats": (152.2, 394.4),
-          "lr_label_pairs": ((3, 4),)}  # right and left parotid
+          "lr_label_pairs": ((3, 4),),  # right and left parotid
+          "body_threshold_hu": -500.0,  # tile only the body's box: 2-4x less work than the whole field of view
+          "max_tile_growth": 1.0}  # up to 128 slices as one tile instead of three overlapping windows of 64
 _PATCH_CT = (64, 128, 128)  # 160 x 512 x 512 mm: the whole head-and-neck field of view in-plane
 HN_OAR_LARGEST_COMPONENT = (1, 3, 4, 6, 7)
 """Recommended clean-up of the head-and-neck models: keep the largest connected component of brainstem,
@@ -98,9 +100,9 @@ register(ModelSpec(
     contract=InputContract(spatial_dims=3, patch_size=_PATCH_CT,
                            largest_component_classes=HN_OAR_LARGEST_COMPONENT, **_CT_HN),
     description="LightM-UNet 3D (widths 32/64/128/256); head-and-neck organs at risk on CT (OpenKBP), "
-                "2.5 x 4 x 4 mm working grid. Below its accuracy target: see the model card.",
+                "2.5 x 4 x 4 mm working grid, only the body's box segmented. Below its accuracy target: see the model card.",
     weights="lightm_unet_3d_hn_oar.safetensors",
-    sha256="77fb89c2eaecf5f29a028306cf06fb1cd2b5546fe891dcf7f0ff8efd356c0edd",
+    sha256="446cff5101096c281051d7fb8c312983a09e9fb83df35d03710d9468692303a2",
     card=_card("lightm_unet_3d_hn_oar.json")))
 register(ModelSpec(
     name="unet_3d_hn_oar",

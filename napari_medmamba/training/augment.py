@@ -21,23 +21,29 @@ __all__ = ["PatchSampler", "AugmentConfig", "Augmented", "augment_batch"]
 
 class PatchSampler:
     """Random patches of ``patch_size`` from (image, label) volumes; volumes smaller than the patch are
-    zero-padded (label 0); a ``fg_fraction`` of the patches is centred on a random foreground voxel."""
+    padded with ``pad_value`` (label 0); a ``fg_fraction`` of the patches is centred on a random foreground voxel.
+
+    ``cap_multiple``: patches no larger than the batch's volumes (each axis: the largest of the batch's volume
+    sizes rounded up to this multiple, at most ``patch_size``), as the inference engine tiles a volume cut to
+    the body. None: always ``patch_size``."""
 
     def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], patch_size: Sequence[int],
-                 fg_fraction: float = 1 / 3) -> None:
+                 fg_fraction: float = 1 / 3, pad_value: float = 0.0, cap_multiple: int | None = None) -> None:
         if len(images) != len(labels) or not images:
             raise ValueError("need the same positive number of images and labels")
         self.images, self.labels = list(images), list(labels)
         self.patch = tuple(int(p) for p in patch_size)
         self.fg_fraction = fg_fraction
+        self.pad_value = float(pad_value)
+        self.cap_multiple = cap_multiple
         self.fg = [np.flatnonzero(lb.ravel() > 0) for lb in self.labels]
 
-    def _crop(self, i: int, start: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _crop(self, i: int, start: Sequence[int], patch: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         im, lb = self.images[i], self.labels[i]
-        out_im = np.zeros(self.patch, np.float32)
-        out_lb = np.zeros(self.patch, np.int64)
+        out_im = np.full(patch, self.pad_value, np.float32)
+        out_lb = np.zeros(patch, np.int64)
         src, dst = [], []
-        for s, n, p in zip(start, im.shape, self.patch):
+        for s, n, p in zip(start, im.shape, patch):
             a, b = max(s, 0), min(s + p, n)
             src.append(slice(a, b))
             dst.append(slice(a - s, b - s))
@@ -50,22 +56,33 @@ class PatchSampler:
         ims, lbs, _ = self.sample_with_cases(batch_size, rng)
         return ims, lbs
 
+    def _patch_for(self, cases: Sequence[int]) -> tuple[int, ...]:
+        if self.cap_multiple is None:
+            return self.patch
+        m = self.cap_multiple
+        return tuple(min(p, max(-(-self.images[i].shape[a] // m) * m for i in cases))
+                     for a, p in enumerate(self.patch))
+
     def sample_with_cases(self, batch_size: int, rng: np.random.Generator
                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """As :meth:`sample`, plus the (B,) index of the case each patch came from."""
+        capped = self.cap_multiple is not None
+        # capped: the cases are drawn first, since they decide the patch size
+        cases = [int(rng.integers(len(self.images))) for _ in range(batch_size)] if capped else []
+        patch = self._patch_for(cases)
         ims, lbs, idx = [], [], []
-        for _ in range(batch_size):
-            i = int(rng.integers(len(self.images)))
+        for k in range(batch_size):
+            i = cases[k] if capped else int(rng.integers(len(self.images)))
             idx.append(i)
             shape = self.images[i].shape
             if rng.random() < self.fg_fraction and self.fg[i].size:
                 centre = np.unravel_index(int(self.fg[i][rng.integers(self.fg[i].size)]), shape)
-                start = [int(c) - p // 2 for c, p in zip(centre, self.patch)]
+                start = [int(c) - p // 2 for c, p in zip(centre, patch)]
             else:
-                start = [int(rng.integers(min(0, n - p), max(0, n - p) + 1)) for n, p in zip(shape, self.patch)]
+                start = [int(rng.integers(min(0, n - p), max(0, n - p) + 1)) for n, p in zip(shape, patch)]
             # keep the patch on the volume as much as possible (no patch of mostly padding)
-            start = [min(max(s, min(0, n - p)), max(0, n - p)) for s, n, p in zip(start, shape, self.patch)]
-            im, lb = self._crop(i, start)
+            start = [min(max(s, min(0, n - p)), max(0, n - p)) for s, n, p in zip(start, shape, patch)]
+            im, lb = self._crop(i, start, patch)
             ims.append(im)
             lbs.append(lb)
         return np.stack(ims)[:, None], np.stack(lbs), np.asarray(idx, dtype=np.int64)

@@ -201,6 +201,23 @@ class CachedCases:
                            [self.labels[i] for i in sel], self.meta,
                            None if self.present is None else self.present[sel])
 
+    def cropped_to_body(self, contract, multiple: int = 1) -> "CachedCases":
+        """Every case cut to its body's box, as the inference engine tiles a CT (``inference.body_crop``):
+        the same threshold (taken through the contract's normalisation), margin and rounding to ``multiple``."""
+        from ..inference.body_crop import body_box
+
+        if contract.body_threshold_hu is None or contract.normalization != "ct" or contract.ct_stats is None:
+            raise ValueError("cropping to the body needs a CT contract with body_threshold_hu")
+        mean, std = contract.ct_stats
+        spacing = contract.target_spacing or (1.0, 1.0, 1.0)
+        images, labels = [], []
+        for image, label in zip(self.images, self.labels):
+            hu = image.astype(np.float32) * np.float32(std) + np.float32(mean)  # normalised back to (clipped) HU
+            box = body_box(hu, contract.body_threshold_hu, spacing, multiple=multiple) or (slice(None),) * 3
+            images.append(image[box])
+            labels.append(label[box])
+        return CachedCases(list(self.case_ids), images, labels, self.meta, self.present)
+
     def present_mask(self, num_classes: int) -> np.ndarray:
         """(n_cases, num_classes) bool: which classes each case has contoured (all True without partial labels)."""
         return np.ones((len(self), num_classes), bool) if self.present is None else self.present

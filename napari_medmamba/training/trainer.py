@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..atomic_write import atomic_write
 from ..models.checkpoints import save_weights
-from ..models.registry import get_model_spec
+from ..models.registry import InputContract, get_model_spec
 from ..models.zoo import build_model
 from ..ssm.dispatch import ENV_VAR, resolve_backend
 from .augment import AugmentConfig, PatchSampler, augment_batch
@@ -164,6 +164,16 @@ def _train_val_ids(cases: CachedCases, val_ids: Sequence[str] | None, split: str
     return train_ids, val
 
 
+def _patch_sampler(cases: CachedCases, contract: InputContract, patch: tuple[int, ...], stride: int) -> PatchSampler:
+    """Patches as the engine will tile: for a CT contract with ``body_threshold_hu``, from volumes cut to the
+    body's box, no larger than the batch's boxes and padded with air; otherwise fixed patches padded with 0."""
+    if contract.body_threshold_hu is None or contract.spatial_dims == 2:
+        return PatchSampler(cases.images, cases.labels, patch)
+    body = cases.cropped_to_body(contract, stride)
+    air = float(min(image.min() for image in cases.images))  # the CT window's lower end, normalised
+    return PatchSampler(body.images, body.labels, patch, pad_value=air, cap_multiple=stride)
+
+
 def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget_s: float,
           val_ids: Sequence[str] | None = None, split: str | Path | dict | None = None, batch_size: int = 8,
           lr: float = 2e-3, weight_decay: float = 3e-5, seed: int = 0, device: str = "auto", amp: str = "bf16",
@@ -194,7 +204,6 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
     cases = CachedCases.load(cache_npz)
     train_ids, val = _train_val_ids(cases, val_ids, split)
     train_set, val_set = cases.subset(train_ids), cases.subset(val)
-    sampler = PatchSampler(train_set.images, train_set.labels, patch)
     present = torch.from_numpy(train_set.present_mask(contract.num_classes))
     partial = not bool(present.all())
 
@@ -207,6 +216,9 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
         model = load_checkpoint(init_weights, model=model).float()
         log(f"initialised from {Path(init_weights).name}")
     model = model.to(dev)
+    sampler = _patch_sampler(train_set, contract, patch, int(getattr(model, "stride", 1) or 1))
+    if contract.body_threshold_hu is not None and not two_d:  # validate as the engine segments: on the body's box
+        val_set = val_set.cropped_to_body(contract, int(getattr(model, "stride", 1) or 1))
     activation_checkpointing = activation_checkpointing and hasattr(model, "set_activation_checkpointing")
     if activation_checkpointing:  # recompute full/half-resolution Mamba layers in backward (issue #12)
         model.set_activation_checkpointing(True)
@@ -313,7 +325,8 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
                            "patch_size": list(contract.patch_size), "target_spacing_zyx_mm": contract.target_spacing,
                            "orientation": contract.orientation, "modality": contract.modality,
                            "normalization": contract.normalization,
-                           "lr_label_pairs": [list(pair) for pair in contract.lr_label_pairs]},
+                           "lr_label_pairs": [list(pair) for pair in contract.lr_label_pairs],
+                           "body_threshold_hu": contract.body_threshold_hu, "max_tile_growth": contract.max_tile_growth},
         "labels": [{"value": i, "name": n, "color": c}
                    for i, (n, c) in enumerate(zip(contract.label_names, contract.label_colors))],
         "validation_dice": summary,
@@ -326,6 +339,9 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
                      + " + soft Dice (foreground, batch)"
                      + ("; partial labels: marginal (uncontoured organs merged into background, not taught as it)"
                         if partial else ""),
+                     "cases": ("cut to the body's box as the engine does (body_threshold_hu, 12 mm margin); patches "
+                               "no larger than the batch's boxes, padded with air; validated on the boxes"
+                               if contract.body_threshold_hu is not None and not two_d else "whole volumes"),
                      "augmentation": {k: v for k, v in vars(augment).items()}, "seed": seed,
                      "non_finite_steps_skipped": skipped, "ssm_backend": resolve_backend(dev), "resumed_from_step": resumed_from,
                      "initialised_from": None if init_weights is None else Path(init_weights).name,
