@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--mode", default="accurate", choices=["accurate", "fast"])
     parser.add_argument("--limit", type=int, help="evaluate only the first N cases")
+    parser.add_argument("--mirror", action="store_true",
+                        help="test-time mirroring along the model's mirror_axes (segment(mirror=True))")
     parser.add_argument("--json", type=Path, help="also write results as JSON")
     parser.add_argument("--weights", type=Path,
                         help="evaluate these weights (safetensors) in the registered model's network and contract "
@@ -100,9 +102,9 @@ def main() -> None:
         case_id = case.case_id
         volume, ref = read_volume(case.image_path), np.rint(read_volume(case.label_path).array).astype(np.int64)
         if i == 0:  # warm-up (kernel compilation, allocator) on the first case only
-            segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False)
+            segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False, mirror=args.mirror)
         start = time.perf_counter()
-        raw = segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False).labels.array
+        raw = segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False, mirror=args.mirror).labels.array
         seconds = time.perf_counter() - start
         for choice, post in posts.items():
             t0 = time.perf_counter()
@@ -122,7 +124,8 @@ def main() -> None:
             args.json.write_text(json.dumps(rows if len(rows) > 1 else rows[args.postprocess[0]], indent=1))
     for choice, post in posts.items():
         print_summary(rows[choice], classes, f"{name} on {len(rows[choice])} cases of {args.data.name} ({args.mode}, "
-                      f"{args.device}; clean-up: {describe_postprocess(post, contract.label_names)}; the first case is "
+                      + ("mirrored, " if args.mirror else "")
+                      + f"{args.device}; clean-up: {describe_postprocess(post, contract.label_names)}; the first case is "
                       "segmented once more before it is timed (warm-up); classes a case did not contour are not scored)")
 
 

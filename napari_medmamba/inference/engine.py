@@ -209,17 +209,16 @@ def _cancellable(net: nn.Module, check: Callable[[], bool]) -> Iterator[None]:
             h.remove()
 
 
-def _forward_fn(net: nn.Module, contract: InputContract, precision: str) -> Callable[[torch.Tensor, torch.device], torch.Tensor]:
-    """forward(batch, device): CPU (B, C, *patch) tiles -> CPU (B, classes, *patch) probabilities."""
+def _forward_fn(net: nn.Module, contract: InputContract, precision: str,
+                mirror: bool) -> Callable[[torch.Tensor, torch.device], torch.Tensor]:
+    """forward(batch, device): CPU (B, C, *patch) tiles -> CPU (B, classes, *patch) probabilities; with ``mirror``,
+    averaged with the predictions on the tiles mirrored along each of ``contract.mirror_axes``."""
 
-    def forward(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def logits_of(x: torch.Tensor, device: torch.device) -> torch.Tensor:
         bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-        x = batch.to(device)
-        if contract.spatial_dims == 2:
-            x = x[:, :, 0]
         try:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = net(x)
+                return net(x)
         except (SegmentationCancelled, torch.cuda.OutOfMemoryError):
             raise
         except (RuntimeError, ValueError) as error:
@@ -228,6 +227,14 @@ def _forward_fn(net: nn.Module, contract: InputContract, precision: str) -> Call
             raise SegmentationInputError(
                 f"the model failed on input of shape {tuple(x.shape)} (patch {contract.patch_size}): {error}"
             ) from error
+
+    axes = contract.mirror_axes if mirror and contract.spatial_dims == 3 else ()
+
+    def forward(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+        x = batch.to(device)
+        if contract.spatial_dims == 2:
+            x = x[:, :, 0]
+        logits = logits_of(x, device)
         if contract.spatial_dims == 2:
             logits = logits[:, :, None]
         expected = (x.shape[0], contract.num_classes, *batch.shape[2:])
@@ -236,7 +243,19 @@ def _forward_fn(net: nn.Module, contract: InputContract, precision: str) -> Call
                 f"the model returned shape {tuple(logits.shape)} for tiles {tuple(batch.shape)}; "
                 f"the contract expects {expected} ({contract.num_classes} classes, same spatial size)"
             )
-        return torch.softmax(logits.float(), dim=1).cpu()
+        probs = torch.softmax(logits.float(), dim=1)
+        for axis in axes:  # (z, y, x) axis -> tensor dim 2 + axis
+            mirrored = torch.softmax(logits_of(torch.flip(x, (2 + axis,)), device).float(), dim=1)
+            mirrored = torch.flip(mirrored, (2 + axis,))
+            if axis == 2 and contract.lr_label_pairs:  # a left-right mirror swaps right and left organs back
+                order = list(range(contract.num_classes))
+                for a, b in contract.lr_label_pairs:
+                    order[a], order[b] = b, a
+                mirrored = mirrored[:, order]
+            probs += mirrored
+        if axes:
+            probs /= 1 + len(axes)
+        return probs.cpu()
 
     return forward
 
@@ -266,6 +285,7 @@ def segment(
     cancel: Cancel = None,
     precision: Literal["auto", "fp32", "bf16"] = "auto",
     return_probabilities: bool = True,
+    mirror: bool = False,
 ) -> SegmentationResult:
     """Segment ``volume`` with ``model``; every output lies on the volume's own grid.
 
@@ -274,7 +294,9 @@ def segment(
     gets monotonic (fraction, stage) calls ending at 1.0; ``cancel`` (a callable or a
     ``threading.Event``) is honoured between tiles and inside the network's forward pass,
     raising :class:`SegmentationCancelled`. Bad input raises :class:`SegmentationInputError`.
-    ``postprocess`` cleans the label map (None: no clean-up); the clean-up measured to help a model,
+    ``mirror=True`` averages each tile's prediction with those of its mirror images along the contract's
+    ``mirror_axes`` (test-time mirroring: each axis costs one more forward pass; models without
+    ``mirror_axes`` are unaffected). ``postprocess`` cleans the label map (None: no clean-up); the clean-up measured to help a model,
     which the CLI and the napari widget apply by default, is ``recommended_postprocess(model)``
     (:mod:`napari_medmamba.inference.postprocessing`).
     """
@@ -343,7 +365,7 @@ def segment(
         batch = plan_batch_size(free_memory_bytes(dev), int(np.prod(patch)), dev.type, bytes_per_voxel)
         was_training = net.training
         home = next(net.parameters(), torch.empty(0)).device
-        predictor = TilePredictor(_forward_fn(net, contract, precision), lambda d: net.to(d), dev, batch, warnings.append)
+        predictor = TilePredictor(_forward_fn(net, contract, precision, mirror), lambda d: net.to(d), dev, batch, warnings.append)
         try:
             net.eval()
             net.to(dev)

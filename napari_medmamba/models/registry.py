@@ -58,6 +58,10 @@ class InputContract:
     body_threshold_hu: float | None = None
     """CT models: tile only the bounding box of the body (pieces above this HU, plus a margin; see
     ``inference.body_crop``); everything outside it is background. None: the whole volume is tiled."""
+    mirror_axes: tuple[int, ...] = ()
+    """(z, y, x) axes along which ``segment(mirror=True)`` also predicts on mirrored tiles and averages
+    (test-time mirroring); only axes where a mirror image is still a valid input (left-right, x, for RAS
+    models; ``lr_label_pairs`` are swapped back). Chosen by measuring on validation cases."""
     max_tile_growth: float = 0.25
     """A volume at most this fraction longer than the patch along an axis runs as one grown tile along it
     (``sliding_window.tile_with_slack``), instead of several overlapping windows."""

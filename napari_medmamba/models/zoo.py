@@ -20,6 +20,10 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {"LightMUNet": LightMUNet, "MHSVM": 
 HIPPOCAMPUS_LABELS = ("background", "anterior hippocampus", "posterior hippocampus")
 HIPPOCAMPUS_COLORS = ("#000000", "#ff7f0e", "#1f77b4")
 _PATCH_3D = (40, 56, 40)  # (z, y, x), each divisible by 8
+_MIRROR_LR = (2,)
+"""Test-time mirroring (``segment(mirror=True)``) left-right (x in RAS) for the 3D hippocampus models: +0.003
+mean Dice on the 44 validation cases (LightM-UNet 0.8786 -> 0.8818) at twice the forward time (CPU 0.69 -> 1.30 s
+per case); mirroring along y or z as well swaps anterior and posterior and costs 0.04 (docs/training.md)."""
 _MR = {"in_channels": 1, "label_names": HIPPOCAMPUS_LABELS, "label_colors": HIPPOCAMPUS_COLORS,
        "target_spacing": (1.0, 1.0, 1.0), "modality": "MR", "normalization": "zscore"}
 
@@ -71,7 +75,7 @@ def _card(file_name: str) -> dict:
 
 register(ModelSpec(
     name="lightm_unet_3d", factory=lambda: _lightm(3),
-    contract=InputContract(spatial_dims=3, patch_size=_PATCH_3D, **_MR),
+    contract=InputContract(spatial_dims=3, patch_size=_PATCH_3D, mirror_axes=_MIRROR_LR, **_MR),
     description="LightM-UNet 3D (widths 32/64/128/256, as the official nnU-Net v2 trainer builds it); "
                 "hippocampus (anterior/posterior) on 1 mm MR.",
     weights="lightm_unet_3d_hippocampus.safetensors",
@@ -93,7 +97,7 @@ register(ModelSpec(
     card=_card("mhs_vm_2d_hippocampus.json")))
 register(ModelSpec(
     name="unet_3d", factory=lambda: UNet(spatial_dims=3, in_channels=1, out_channels=3, features=(32, 64, 128, 256)),
-    contract=InputContract(spatial_dims=3, patch_size=_PATCH_3D, **_MR),
+    contract=InputContract(spatial_dims=3, patch_size=_PATCH_3D, mirror_axes=_MIRROR_LR, **_MR),
     description="Plain 3D U-Net baseline (widths 32/64/128/256) of a budget comparable to LightM-UNet 3D."))
 register(ModelSpec(
     name="lightm_unet_3d_hn_oar", factory=lambda: _lightm(3, len(HN_OAR_LABELS)),
