@@ -20,10 +20,10 @@ import torch.nn as nn
 
 from ..io.volume import Geometry, Volume
 from ..models.registry import InputContract, ModelSpec, get_model_spec
+from .body_crop import body_box
 from .errors import SegmentationCancelled, SegmentationInputError
 from .planner import ACTIVATION_BYTES_PER_VOXEL, TilePredictor, choose_device, free_memory_bytes, inference_threads, plan_batch_size
 from .postprocessing import Postprocess, apply_postprocess
-from .body_crop import body_box
 from .preprocessing import normalize, plan_orientation, resample_linear, working_shape
 from .sliding_window import sliding_window, tile_for, tile_with_slack
 from .to_source import SourceGridResult, to_source_grid
@@ -296,9 +296,10 @@ def segment(
     raising :class:`SegmentationCancelled`. Bad input raises :class:`SegmentationInputError`.
     ``mirror=True`` averages each tile's prediction with those of its mirror images along the contract's
     ``mirror_axes`` (test-time mirroring: each axis costs one more forward pass; models without
-    ``mirror_axes`` are unaffected). ``postprocess`` cleans the label map (None: no clean-up); the clean-up measured to help a model,
-    which the CLI and the napari widget apply by default, is ``recommended_postprocess(model)``
-    (:mod:`napari_medmamba.inference.postprocessing`).
+    ``mirror_axes`` are unaffected). A CT contract with ``body_threshold_hu`` has only the body's box
+    segmented (:mod:`napari_medmamba.inference.body_crop`); the rest is background. ``postprocess`` cleans the
+    label map (None: no clean-up); the clean-up measured to help a model, which the CLI and the napari widget
+    apply by default, is ``recommended_postprocess(model)`` (:mod:`napari_medmamba.inference.postprocessing`).
     """
     t_start = time.perf_counter()
     if mode not in DEFAULT_OVERLAP:
