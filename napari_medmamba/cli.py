@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "much less accurate (mean Dice: hippocampus 0.88 -> 0.74, head-and-neck CT 0.52 -> 0.26): "
                         "a quick preview (default: %(default)s)")
     p.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, default="recommended", help=POSTPROCESS_HELP)
+    p.add_argument("--mirror", action="store_true",
+                   help="test-time mirroring: also predict each tile mirrored left-right and average (models that "
+                        "declare it: the 3D hippocampus models; hippocampus mean Dice 0.879 -> 0.882 at twice the "
+                        "inference time)")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
@@ -354,12 +358,13 @@ SEGMENT_STAGES = ("preprocess", "inference", "forward", "resample", "postprocess
 def segment_case(volume: Any, case: str, outdir: Path, model: Any, device: str, mode: str, quiet: bool,
                  stages: dict[str, float] | None = None,
                  progress: Callable[[float, str], None] | None = None,
-                 postprocess: str = "recommended") -> dict[str, Any]:
+                 postprocess: str = "recommended", mirror: bool = False) -> dict[str, Any]:
     """Segment one scan into ``outdir/<case>_labels.nii.gz``; returns a summary row.
 
     ``stages`` (when given) receives the wall seconds ``segment_s`` and ``write_s`` and the engine's own
     ``seg_<stage>_s`` timings; ``progress`` replaces the stderr progress line. ``postprocess`` is one of
-    :data:`POSTPROCESS_CHOICES` (see ``napari_medmamba.inference.postprocessing.postprocess_for``).
+    :data:`POSTPROCESS_CHOICES` (see ``napari_medmamba.inference.postprocessing.postprocess_for``); ``mirror``
+    is ``segment``'s test-time mirroring.
     """
     from .inference import postprocess_for, segment
     from .io import write_labels
@@ -367,7 +372,7 @@ def segment_case(volume: Any, case: str, outdir: Path, model: Any, device: str, 
     start = time.perf_counter()
     config = postprocess_for(postprocess, model)
     result = segment(volume, model, device=device, mode=mode, postprocess=config,
-                     progress=progress or _StderrProgress(case, quiet))
+                     progress=progress or _StderrProgress(case, quiet), mirror=mirror)
     written = time.perf_counter()
     out = write_labels(result.labels.array, like=volume, path=outdir / f"{case}{LABEL_SUFFIX}")
     if stages is not None:
@@ -406,7 +411,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             continue
         try:
             rows.append(segment_case(read_volume(path), case, args.output, model, args.device, args.mode, args.quiet,
-                                     postprocess=args.postprocess))
+                                     postprocess=args.postprocess, mirror=args.mirror))
         except Exception as exc:  # one bad case is reported, the rest go on
             _stderr(f"[{case}] failed: {exc}")
             rows.append({"case": case, "status": f"failed: {exc}"})
@@ -431,7 +436,7 @@ def _segment_distributed(args: argparse.Namespace, paths: list[Path]) -> int:
                                     threads_per_worker=args.threads_per_worker)
         with cluster as client:
             rows = run_batch(client, paths, args.output, name, device=args.device, mode=args.mode,
-                             overwrite=args.overwrite, log=log, postprocess=args.postprocess)
+                             overwrite=args.overwrite, log=log, postprocess=args.postprocess, mirror=args.mirror)
     except DistributedUnavailable as exc:
         _stderr(f"error: {exc}")
         return 2

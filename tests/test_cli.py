@@ -186,6 +186,17 @@ def test_segment_postprocess_option_reaches_the_engine(ct_organs_in_pieces: Path
     assert list(csv.DictReader((out / "summary.csv").open()))[0]["postprocess"] == row["postprocess"]
 
 
+def test_segment_mirror_option_reaches_the_engine(ct_organs_in_pieces: Path, tmp_path: Path, monkeypatch) -> None:
+    from napari_medmamba import inference
+
+    seen: list[bool] = []
+    real = inference.segment
+    monkeypatch.setattr(inference, "segment", lambda *a, **k: seen.append(k["mirror"]) or real(*a, **k))
+    args = ["segment", str(ct_organs_in_pieces), "-o", str(tmp_path / "out"), "--model", "lightm_unet_3d_hn_oar", "-q"]
+    assert main(args + ["--mirror"]) == 0 and main(args + ["--overwrite"]) == 0
+    assert seen == [True, False]
+
+
 def test_segment_postprocess_option_in_help_and_checked(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["segment", "--help"])

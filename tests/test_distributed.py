@@ -188,9 +188,9 @@ def test_workers_report_threads_gpu_and_stage_times(cases: list[Path], tmp_path:
     assert len({r["pid"] for r in json_rows}) <= 2
 
 
-def _recording_task(path, outdir, case, model, device, mode, stale, postprocess="recommended"):
-    """Stands in for segment_path: reports the clean-up choice it was given."""
-    return {"case": case, "status": "ok", "postprocess": postprocess}
+def _recording_task(path, outdir, case, model, device, mode, stale, postprocess="recommended", mirror=False):
+    """Stands in for segment_path: reports the clean-up and mirroring choices it was given."""
+    return {"case": case, "status": "ok", "postprocess": postprocess, "mirror": mirror}
 
 
 def test_postprocess_choice_reaches_each_task_and_the_summary(cases: list[Path], tmp_path: Path) -> None:
@@ -198,7 +198,9 @@ def test_postprocess_choice_reaches_each_task_and_the_summary(cases: list[Path],
         rows = run_batch(client, cases[:2], tmp_path / "a", MODEL, task=_recording_task)
         assert [r["postprocess"] for r in rows] == ["recommended", "recommended"]
         rows = run_batch(client, cases[:1], tmp_path / "b", MODEL, task=_recording_task, postprocess="largest")
-        assert rows[0]["postprocess"] == "largest"
+        assert rows[0]["postprocess"] == "largest" and rows[0]["mirror"] is False
+        rows = run_batch(client, cases[:1], tmp_path / "c", MODEL, task=_recording_task, mirror=True)
+        assert rows[0]["mirror"] is True
     # the real task hands the choice to the CLI's segment_case (one case, in this process)
     case = cases[0].name[:-7]
     row = segment_path(str(cases[0]), str(tmp_path), case, MODEL, "cpu", "fast", None, "largest")

@@ -122,6 +122,7 @@ def run_batch(
     task: Callable[..., dict[str, Any]] = segment_path,
     retries: int = 1,
     postprocess: str = "recommended",
+    mirror: bool = False,
 ) -> list[dict[str, Any]]:
     """Segment ``paths`` on ``client``'s cluster into ``outdir``; one summary row per case, in input order.
 
@@ -131,7 +132,8 @@ def run_batch(
     by the scheduler (up to ``distributed.scheduler.allowed-failures`` deaths per case);
     outputs are written atomically under deterministic names, so a retried case leaves one
     complete file and one row. ``task`` is the per-case function (for tests). ``postprocess`` is the
-    clean-up choice of :func:`napari_medmamba.cli.segment_case` ('recommended', 'none' or 'largest').
+    clean-up choice of :func:`napari_medmamba.cli.segment_case` ('recommended', 'none' or 'largest'); ``mirror``
+    its test-time mirroring.
     """
     import uuid
 
@@ -158,7 +160,7 @@ def run_batch(
             continue
         stale = output_stamp(target) if overwrite else None
         future = client.submit(task, str(Path(path).resolve()), str(outdir), case, model, device, mode, stale,
-                               postprocess, key=f"medmamba-segment-{case}-{run_id}", pure=False, retries=retries)
+                               postprocess, mirror, key=f"medmamba-segment-{case}-{run_id}", pure=False, retries=retries)
         futures[future] = index
     total = len(futures)
     if total:

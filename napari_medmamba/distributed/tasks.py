@@ -149,7 +149,8 @@ def _diagnostics(worker: Any, where: str, device: str, stages: dict[str, float],
 
 
 def segment_path(path: str, outdir: str, case: str, model: str, device: str = "auto", mode: str = "accurate",
-                 stale: tuple[int, int] | None = None, postprocess: str = "recommended") -> dict[str, Any]:
+                 stale: tuple[int, int] | None = None, postprocess: str = "recommended",
+                 mirror: bool = False) -> dict[str, Any]:
     """Segment the scan at ``path`` into ``outdir/<case>_labels.nii.gz``; return its summary row.
 
     Runs on a worker. The output is written atomically, so a worker killed mid-case leaves
@@ -159,7 +160,8 @@ def segment_path(path: str, outdir: str, case: str, model: str, device: str = "a
     died after writing, before reporting), so it is reported, not recomputed. Errors of
     the case (unreadable scan, bad input) come back as a ``failed: ...`` row, not raised.
     The row ends with the :data:`DIAGNOSTIC_COLUMNS` (worker, GPU, threads, stage seconds).
-    ``postprocess`` is the clean-up choice ('recommended', 'none', 'largest'), as in the sequential CLI.
+    ``postprocess`` is the clean-up choice ('recommended', 'none', 'largest') and ``mirror`` the test-time
+    mirroring, as in the sequential CLI.
     """
     from ..cli import segment_case
     from ..io import read_volume
@@ -181,7 +183,7 @@ def segment_path(path: str, outdir: str, case: str, model: str, device: str = "a
             with _timed(stages, "load_s"):
                 net_contract_name, _ = cached_model(model)
             row = segment_case(volume, case, Path(outdir), net_contract_name, device, mode, quiet=True, stages=stages,
-                               progress=_thread_probe(probe), postprocess=postprocess)
+                               progress=_thread_probe(probe), postprocess=postprocess, mirror=mirror)
     except Exception as exc:  # a bad case is reported; the other cases go on
         row = {"case": case, "status": f"failed: {exc}", "seconds": round(time.perf_counter() - start, 3)}
     stages["case_s"] = time.perf_counter() - start

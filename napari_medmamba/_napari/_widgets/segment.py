@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFormLayout,
     QGroupBox,
@@ -122,7 +123,7 @@ def model_summary(name: str) -> str:
             weights += f" (held-back Dice {before:.2f} → {after:.2f})"
     dice = spec.card.get("validation_dice", {}).get("mean_foreground", {}).get("mean")
     if dice is not None:
-        weights += f" (validation Dice {dice:.2f})"
+        weights += f" (validation Dice {dice:.3f})"
     return f"{modality} · {c.spatial_dims}D · labels: {labels} · {weights}"
 
 
@@ -173,6 +174,10 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
         self.mode_combo.setToolTip(MODE_TOOLTIP)
         self.cleanup_combo = QComboBox()
         self.cleanup_combo.addItems(list(CLEANUPS))
+        self.mirror_check = QCheckBox("Also predict mirrored left-right (2x slower)")
+        self.mirror_check.setToolTip("Test-time mirroring: average the prediction with that of the left-right mirror "
+                                     "image. Offered for models measured to gain from it (hippocampus: mean Dice "
+                                     "0.879 -> 0.882 at twice the time).")
 
         form = QFormLayout()
         form.addRow("Scan:", self.image_combo)
@@ -181,6 +186,7 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
         form.addRow("Device:", self.device_combo)
         form.addRow("Mode:", self.mode_combo)
         form.addRow("Clean-up:", self.cleanup_combo)
+        form.addRow("Mirroring:", self.mirror_check)
 
         self.run_button = QPushButton("Run segmentation")
         self.run_button.setStyleSheet("font-weight: bold;")
@@ -249,6 +255,10 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
             self.model_card.setText(model_summary(name))
             self.model_card.setToolTip(get_model_spec(name).description)
             self.cleanup_combo.setToolTip(cleanup_tooltip(name))
+            mirrorable = bool(get_model_spec(name).contract.mirror_axes)
+            self.mirror_check.setEnabled(mirrorable)
+            if not mirrorable:
+                self.mirror_check.setChecked(False)
         except KeyError as exc:
             self.model_card.setText(str(exc))
 
@@ -279,6 +289,7 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
             return
         device = DEVICES[self.device_combo.currentText()]
         mode = MODES[self.mode_combo.currentText()]
+        mirror = self.mirror_check.isEnabled() and self.mirror_check.isChecked()
         try:
             postprocess = postprocess_for(CLEANUPS[self.cleanup_combo.currentText()], model)
         except KeyError as exc:
@@ -301,7 +312,7 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
             try:
                 result = segment(
                     volume, self._model_argument(model), device=device, mode=mode, postprocess=postprocess,
-                    progress=lambda f, s: bridge.progress.emit(float(f), str(s)), cancel=cancel,
+                    progress=lambda f, s: bridge.progress.emit(float(f), str(s)), cancel=cancel, mirror=mirror,
                 )
                 return "done", result
             except SegmentationCancelled:
