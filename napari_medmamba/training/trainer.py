@@ -136,7 +136,8 @@ def _summary(dice: np.ndarray, names: Sequence[str], seed: int) -> dict:
     case_mean = np.nanmean(dice, axis=1)
     lo, hi = bootstrap_ci(case_mean, seed=seed)
     return {"per_class": per_class, "mean_foreground": {"mean": float(np.nanmean(case_mean)), "ci95": [lo, hi]},
-            "n_cases": int(dice.shape[0]), "method": "whole volume padded to a multiple of 8, argmax; "
+            "n_cases": int(dice.shape[0]), "method": "whole volume (CT contracts with body_threshold_hu: the body's "
+            "box) padded to a multiple of 8, argmax; "
             "Dice per case; 95% percentile bootstrap over cases (2000 resamples)"}
 
 
