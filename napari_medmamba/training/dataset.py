@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..models.registry import InputContract
 
 __all__ = ["Case", "load_case_folder", "build_cache", "CachedCases", "CACHE_FORMAT"]
 
@@ -201,9 +204,10 @@ class CachedCases:
                            [self.labels[i] for i in sel], self.meta,
                            None if self.present is None else self.present[sel])
 
-    def cropped_to_body(self, contract, multiple: int = 1) -> "CachedCases":
-        """Every case cut to its body's box, as the inference engine tiles a CT (``inference.body_crop``):
-        the same threshold (taken through the contract's normalisation), margin and rounding to ``multiple``."""
+    def cropped_to_body(self, contract: InputContract, multiple: int = 1) -> "CachedCases":
+        """Every case cut to its body's box, as the inference engine tiles a CT (``inference.body_crop``): the
+        same HU threshold (the cached images are mapped back to HU through ``ct_stats``), margin and rounding
+        to ``multiple``."""
         from ..inference.body_crop import body_box
 
         if contract.body_threshold_hu is None or contract.normalization != "ct" or contract.ct_stats is None:

@@ -217,9 +217,10 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
         model = load_checkpoint(init_weights, model=model).float()
         log(f"initialised from {Path(init_weights).name}")
     model = model.to(dev)
-    sampler = _patch_sampler(train_set, contract, patch, int(getattr(model, "stride", 1) or 1))
+    stride = int(getattr(model, "stride", 1) or 1)
+    sampler = _patch_sampler(train_set, contract, patch, stride)
     if contract.body_threshold_hu is not None and not two_d:  # validate as the engine segments: on the body's box
-        val_set = val_set.cropped_to_body(contract, int(getattr(model, "stride", 1) or 1))
+        val_set = val_set.cropped_to_body(contract, stride)
     activation_checkpointing = activation_checkpointing and hasattr(model, "set_activation_checkpointing")
     if activation_checkpointing:  # recompute full/half-resolution Mamba layers in backward (issue #12)
         model.set_activation_checkpointing(True)
