@@ -263,32 +263,30 @@ def main(argv: list[str] | None = None) -> int:
                    help="resolution levels to checkpoint (default: 0 1, full and half resolution)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
+    if a.cuda_graphs and device.type != "cuda":
+        p.error("--cuda-graphs needs --device cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     modes = [] if a.checkpointing is None else (a.checkpointing or ["layer"])
-    runs = [(case, None) for case in a.cases] + [(case, m) for case in a.cases if case.startswith("train")
-                                                 for m in modes]
+    # (case, checkpointing mode, official network?, CUDA graph?)
+    runs = [(case, None, False, False) for case in a.cases]
+    runs += [(case, m, False, False) for case in a.cases if case.startswith("train") for m in modes]
     factory = load_official_factory(a.official) if a.official else None
-    if factory is not None:
-        runs += [(case, "official") for case in a.cases]
+    officials = [False, True] if factory is not None else [False]
+    runs += [(case, None, True, False) for case in a.cases] if factory is not None else []
     if a.cuda_graphs:
-        inference = [case for case in a.cases if case.startswith("infer")]
-        runs += [(case, "graph") for case in inference]
-        runs += [(case, "official graph") for case in inference] if factory is not None else []
+        runs += [(case, None, official, True) for official in officials for case in a.cases if case.startswith("infer")]
     rows = []
-    for case, mode in runs:
-        official = mode is not None and mode.startswith("official")
-        graph = mode is not None and mode.endswith("graph")
+    for case, mode, official, graph in runs:
         try:
-            rows.append(run_case(case, device, a.size, a.size2d, a.warmup, a.repeat,
-                                 None if official or graph else mode, a.checkpoint_levels,
+            rows.append(run_case(case, device, a.size, a.size2d, a.warmup, a.repeat, mode, a.checkpoint_levels,
                                  factory if official else None, graph))
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not (graph or isinstance(e, torch.OutOfMemoryError)):
                 raise
             what = "out of memory" if isinstance(e, torch.OutOfMemoryError) else "graph capture failed"
-            rows.append({"case": case, "checkpointing": "off" if official or graph else mode or "off",
+            rows.append({"case": case, "checkpointing": mode or "off",
                          "impl": ("official" if official else "ours") + (" + CUDA graph" if graph else ""),
                          "error": f"{what}: {str(e)[:120]}"})
         if device.type == "cuda":

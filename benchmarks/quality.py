@@ -101,10 +101,14 @@ def main() -> None:
     for i, case in enumerate(cases):
         case_id = case.case_id
         volume, ref = read_volume(case.image_path), np.rint(read_volume(case.label_path).array).astype(np.int64)
+        def run() -> np.ndarray:
+            return segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False,
+                           mirror=args.mirror).labels.array
+
         if i == 0:  # warm-up (kernel compilation, allocator) on the first case only
-            segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False, mirror=args.mirror)
+            run()
         start = time.perf_counter()
-        raw = segment(volume, model, device=args.device, mode=args.mode, return_probabilities=False, mirror=args.mirror).labels.array
+        raw = run()
         seconds = time.perf_counter() - start
         for choice, post in posts.items():
             t0 = time.perf_counter()

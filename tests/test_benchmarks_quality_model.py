@@ -51,6 +51,20 @@ def test_ratio_table_and_official_loader(tmp_path: Path) -> None:
         bench.load_official_factory(bad)
 
 
+def test_cuda_graph_rows_are_compared_with_the_eager_official_run() -> None:
+    import model as bench
+
+    row = {"case": "infer2d", "shape": [8, 8], "batch": 1, "precision": "bf16 autocast", "peak_mib": 100.0,
+           "checkpointing": "off"}
+    rows = [{**row, "ms": 30.0, "impl": "official"}, {**row, "ms": 15.0, "impl": "ours + CUDA graph"},
+            {**row, "ms": 29.0, "impl": "official + CUDA graph"}]
+    lines = bench.ratio_table(rows).splitlines()
+    assert "| 2.00x |" in next(line for line in lines if line.startswith("| ours + CUDA graph"))
+    assert next(line for line in lines if line.startswith("| official + CUDA graph")).endswith("|  |  |")
+    with pytest.raises(SystemExit):  # graphs need a CUDA device: a usage error, not a crash mid-run
+        bench.main(["--device", "cpu", "--cases", "infer2d", "--cuda-graphs"])
+
+
 def test_scan_cpu_kernels_times_two_versions_on_the_same_inputs(capsys: pytest.CaptureFixture) -> None:
     import scan_cpu_kernels as bench
 

@@ -149,6 +149,8 @@ def test_train_resume_weights_card(cache, tmp_path):
               budget_s=1e6, log=lambda s: None)
     card = train("unet_3d", cache, tmp_path, max_steps=2, **kw)
     assert card["training"]["steps"] == 2 and card["training"]["resumed_from_step"] is None
+    # an MR model is trained on whole volumes; the card says so (a CT contract would say it cuts to the body)
+    assert card["training"]["cases"] == "whole volumes" and card["input_contract"]["body_threshold_hu"] is None
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2 and state["model_name"] == "unet_3d"
     card = train("unet_3d", cache, tmp_path, max_steps=3, **kw)
@@ -198,8 +200,14 @@ def test_trainer_path_needs_no_simpleitk_or_qt():
         "builtins.__import__ = imp\n"
         "import napari_medmamba.training.trainer as t\n"
         "assert callable(t.train)\n"
+        # a CT model's training cuts cases to the body (inference.body_crop): importable without SimpleITK, while
+        # the engine itself still needs it (the inference package loads its names lazily)
+        "import napari_medmamba.inference.body_crop\n"
+        "import napari_medmamba.inference as inf\n"
+        "try:\n    inf.segment\nexcept ImportError:\n    print('lazy')\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "lazy"
 
 
 def test_partial_label_loss_marginalises_uncontoured_classes():

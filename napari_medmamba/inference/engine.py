@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..io.volume import Geometry, Volume
-from ..models.registry import InputContract, ModelSpec, get_model_spec
+from ..models.registry import InputContract, ModelSpec, get_model_spec, mirrored_class_order
 from .body_crop import body_box
 from .errors import SegmentationCancelled, SegmentationInputError
 from .planner import ACTIVATION_BYTES_PER_VOXEL, TilePredictor, choose_device, free_memory_bytes, inference_threads, plan_batch_size
@@ -229,6 +229,7 @@ def _forward_fn(net: nn.Module, contract: InputContract, precision: str,
             ) from error
 
     axes = contract.mirror_axes if mirror and contract.spatial_dims == 3 else ()
+    lr_order = mirrored_class_order(contract.lr_label_pairs, contract.num_classes)
 
     def forward(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
         x = batch.to(device)
@@ -248,10 +249,7 @@ def _forward_fn(net: nn.Module, contract: InputContract, precision: str,
             mirrored = torch.softmax(logits_of(torch.flip(x, (2 + axis,)), device).float(), dim=1)
             mirrored = torch.flip(mirrored, (2 + axis,))
             if axis == 2 and contract.lr_label_pairs:  # a left-right mirror swaps right and left organs back
-                order = list(range(contract.num_classes))
-                for a, b in contract.lr_label_pairs:
-                    order[a], order[b] = b, a
-                mirrored = mirrored[:, order]
+                mirrored = mirrored[:, lr_order]
             probs += mirrored
         if axes:
             probs /= 1 + len(axes)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch.nn as nn
 
-__all__ = ["WEIGHTS_DIR", "InputContract", "ModelSpec", "register", "get_model_spec", "list_models", "REGISTRY"]
+__all__ = ["WEIGHTS_DIR", "InputContract", "ModelSpec", "register", "get_model_spec", "list_models", "REGISTRY",
+           "mirrored_class_order"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 """The package's weights folder (the top-level ``weights/`` of the source tree, packaged into the wheel)."""
@@ -53,7 +54,7 @@ class InputContract:
     lr_label_pairs: tuple[tuple[int, int], ...] = ()
     """Label pairs that trade places in a left-right mirror image (a right and a left organ): training's
     left-right flip augmentation swaps them (and the partial-label flags), so that a flipped patch still
-    says which side is which."""
+    says which side is which; the engine's left-right mirroring swaps them back (``mirrored_class_order``)."""
 
     body_threshold_hu: float | None = None
     """CT models: tile only the bounding box of the body (pieces above this HU, plus a margin; see
@@ -69,6 +70,15 @@ class InputContract:
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+
+def mirrored_class_order(pairs: Sequence[tuple[int, int]], num_classes: int) -> list[int]:
+    """Class indices with each (right, left) pair of ``pairs`` swapped: indexing a per-class axis (probability
+    channels, partial-label flags) with it turns what a left-right mirror image says back into the original's."""
+    order = list(range(num_classes))
+    for a, b in pairs:
+        order[a], order[b] = b, a
+    return order
 
 
 @dataclass(frozen=True)

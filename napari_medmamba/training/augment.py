@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models.registry import mirrored_class_order
+
 __all__ = ["PatchSampler", "AugmentConfig", "Augmented", "augment_batch"]
 
 
@@ -152,9 +154,7 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
         if lr_label_pairs:
             y_flipped = _swap_labels(y_flipped, lr_label_pairs)
             if present is not None:
-                swapped = present.clone()
-                for a, c in lr_label_pairs:
-                    swapped[:, [a, c]] = present[:, [c, a]]
+                swapped = present[:, mirrored_class_order(lr_label_pairs, present.shape[1])]
                 present = torch.where(flip.view(b, 1).to(present.device), swapped, present)
         y = torch.where(flip.view(b, 1, 1, 1), y_flipped, y)
         if mask is not None:

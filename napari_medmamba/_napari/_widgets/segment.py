@@ -289,7 +289,7 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
             return
         device = DEVICES[self.device_combo.currentText()]
         mode = MODES[self.mode_combo.currentText()]
-        mirror = self.mirror_check.isEnabled() and self.mirror_check.isChecked()
+        mirror = self.mirror_check.isChecked()  # unchecked and disabled for models without mirror_axes
         try:
             postprocess = postprocess_for(CLEANUPS[self.cleanup_combo.currentText()], model)
         except KeyError as exc:
