@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=None,
+                   help="channels of the network's first level (default: the model's own; each level doubles)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the model card as JSON")
     p.set_defaults(func=_cmd_train)
@@ -527,7 +529,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         build_cache(cases, cache, model_name=name, source=str(args.data.name), log=_stderr)
     card = train(name, cache, args.output, budget_s=args.budget_s, split=split, batch_size=args.batch_size,
                  seed=args.seed, device=args.device, log=_stderr, max_steps=args.max_steps,
-                 patch_size=args.patch_size)
+                 patch_size=args.patch_size, width=args.width)
     if args.json:
         print(json.dumps(card, indent=2))
     else:

@@ -109,9 +109,10 @@ def test_train_on_a_folder_writes_weights_card_and_split(hippocampus: Path, tmp_
             (data / sub / src.name).symlink_to(src)
     out = tmp_path / "run"
     code = main(["train", str(data), "-o", str(out), "--model", "unet_3d", "--max-steps", "2", "--batch-size", "2",
-                 "--patch-size", "16", "16", "16", "--budget-s", "120", "--device", "cpu", "--json"])
+                 "--patch-size", "16", "16", "16", "--budget-s", "120", "--device", "cpu", "--width", "8", "--json"])
     assert code == 0
     card = json.loads(capsys.readouterr().out)
+    assert card["architecture_config"]["features"] == [8, 16, 32, 64]
     split = json.loads((out / "split.json").read_text())
     assert len(split["val"]) == 1 and len(split["train"]) == 3 and not set(split["val"]) & set(split["train"])
     assert card["training"]["steps"] == 2 and (out / "weights.safetensors").is_file()

@@ -58,3 +58,28 @@ def test_forward_backward(name: str) -> None:
     assert bad == []
     zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
     assert len(zero) <= 0.05 * len(list(model.parameters())), zero
+
+
+@pytest.mark.parametrize("name,key,expected", [("lightm_unet_3d", "init_filters", 16),
+                                               ("unet_3d", "features", [16, 32, 64, 128]),
+                                               ("mhs_vm_2d", "dims", [16, 32, 64, 128])])
+def test_build_model_width(name: str, key: str, expected) -> None:
+    narrow = build_model(name, width=16)
+    assert narrow.arch_config[key] == expected
+    assert type(narrow) is type(build_model(name))
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in build_model(name).parameters())
+    with pytest.raises(ValueError, match="positive"):
+        build_model(name, width=0)
+
+
+def test_registered_name_loads_weights_of_another_width(tmp_path) -> None:
+    """Weights trained with --width load under the registered name at their own widths (quality.py --weights)."""
+    from napari_medmamba.models import load_checkpoint, save_weights
+
+    src = build_model("lightm_unet_3d", width=8)
+    path = save_weights(src, tmp_path / "w8.safetensors")
+    loaded = load_checkpoint(path, name="lightm_unet_3d")
+    assert loaded.arch_config["init_filters"] == 8
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), src.eval()(x))

@@ -184,10 +184,12 @@ def test_trainer_cli_passes_the_loss_options_to_the_loss(cache, tmp_path, monkey
     assert trainer.main(["--model", "unet_3d", "--cache", str(cache), "--out", str(tmp_path / "run"),
                          "--budget-s", "1e6", "--max-steps", "1", "--batch-size", "2", "--patch-size", "16", "16",
                          "16", "--device", "cpu", "--split", str(split), "--ce-top-k", "0.1",
-                         "--class-balanced-ce", "0.5"]) == 0
+                         "--class-balanced-ce", "0.5", "--width", "8"]) == 0
     assert seen == [(0.1, 0.5)]
-    loss = json.loads((tmp_path / "run" / "model_card.json").read_text())["training"]["loss"]
+    card = json.loads((tmp_path / "run" / "model_card.json").read_text())
+    loss = card["training"]["loss"]
     assert "top-0.1 cross-entropy" in loss and "0.5 x class-balanced cross-entropy" in loss
+    assert card["architecture_config"]["features"] == [8, 16, 32, 64]  # --width: the network's first level
 
 
 def test_trainer_path_needs_no_simpleitk_or_qt():

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..io.volume import Geometry, Volume
+from ..large_allocations import reuse_large_allocations
 from ..models.registry import InputContract, ModelSpec, get_model_spec, mirrored_class_order
 from .body_crop import body_box
 from .errors import SegmentationCancelled, SegmentationInputError
@@ -368,7 +369,8 @@ def segment(
         try:
             net.eval()
             net.to(dev)
-            with _cancellable(net, check), torch.inference_mode():
+            heap = reuse_large_allocations() if dev.type == "cpu" else contextlib.nullcontext()
+            with _cancellable(net, check), torch.inference_mode(), heap:
                 probs = sliding_window(
                     torch.from_numpy(np.ascontiguousarray(image))[None],
                     predictor,

@@ -247,7 +247,8 @@ def _load_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path) -
 
 
 def load_checkpoint(path: str | Path, model: nn.Module | None = None, name: str | None = None) -> nn.Module:
-    """Load a weights file into ``model``, or into the registered model ``name``, or into a network built
+    """Load a weights file into ``model``, or into the registered model ``name`` (at the widths our safetensors
+    metadata gives, if it names the same network), or into a network built
     from what the file says (nnU-Net trainer/plans, MHS-VM key shapes, our safetensors metadata).
 
     Returns the model on CPU in eval mode. Raises :class:`CheckpointError` (naming the file) for files that
@@ -263,6 +264,8 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None, name: str 
         sd = _mhs_vm_canonical(sd, path)
     if model is None and name is not None:
         model = build_model(name)
+        if kind == "safetensors" and info["metadata"].get("arch") == type(model).__name__:
+            model = _from_metadata(info["metadata"], path)  # the registered network at the file's own widths
     if model is None:
         if kind == "nnunet":
             model = _nnunet_model(sd, info, path)

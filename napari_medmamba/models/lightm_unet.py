@@ -16,13 +16,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .mamba import Mamba, channels_first_layer_norm, channels_first_linear
+from .mamba import Mamba, channels_first_layer_norm, channels_first_linear, cpu_inference
 from .group_norm import WideGroupNorm
 
-__all__ = ["LightMUNet", "MambaLayer", "ResMambaBlock", "ResUpBlock"]
+__all__ = ["LightMUNet", "MambaLayer", "MaxPool", "ResMambaBlock", "ResUpBlock"]
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+
+
+class MaxPool(nn.Module):
+    """Max pooling with window = stride along every spatial axis (``nn.MaxPool{2,3}d(stride, stride)``).
+
+    CPU inference with stride 2 on even sizes takes pairwise maxima of strided views instead (the same values;
+    8x faster than PyTorch's CPU pooling, which also computes the argmax indices: 13 -> 1.7 ms at
+    64 x 40 x 56 x 40). When training, on a GPU or with ``CPU_LAYERS_ENV=0``, PyTorch's pooling runs.
+    """
+
+    def __init__(self, spatial_dims: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.pool = _POOL[spatial_dims](kernel_size=stride, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 2 or any(s % 2 for s in x.shape[2:]) or not cpu_inference(x):
+            return self.pool(x)
+        for dim in range(x.dim() - 1, 1, -1):  # last axis first: the first maximum halves the most data
+            lead = (slice(None),) * dim
+            x = torch.maximum(x[lead + (slice(0, None, 2),)], x[lead + (slice(1, None, 2),)])
+        return x
 
 
 class ConvOnly(nn.Module):
@@ -109,7 +131,7 @@ def mamba_layer(spatial_dims: int, in_channels: int, out_channels: int, stride: 
     layer = MambaLayer(in_channels, out_channels)
     if stride == 1:
         return layer
-    return nn.Sequential(layer, _POOL[spatial_dims](kernel_size=stride, stride=stride))
+    return nn.Sequential(layer, MaxPool(spatial_dims, stride))
 
 
 class ResMambaBlock(nn.Module):

@@ -8,6 +8,7 @@ so that :mod:`napari_medmamba.models.scan_shapes` can record the calls without r
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
@@ -16,8 +17,13 @@ import torch.nn as nn
 
 from .. import ssm as _ssm
 
-__all__ = ["Mamba", "channels_first_layer_norm", "channels_first_linear", "dt_bias_init", "scan_override",
+__all__ = ["CPU_LAYERS_ENV", "Mamba", "causal_conv1d_silu", "cpu_inference", "channels_first_layer_norm", "channels_first_linear", "dt_bias_init", "scan_override",
            "selective_scan"]
+
+CPU_LAYERS_ENV = "MEDMAMBA_CPU_LAYERS"
+"""Set to 0 to run CPU inference through PyTorch's ops instead of the fused numba kernels (e.g. to compare)."""
+_NARROW_MAX = 8
+"""Inputs this narrow (dt_proj's rank) go to ``_cpu_numba_layers.channel_mix_narrow`` in CPU inference."""
 
 _OVERRIDE: list[Callable[..., torch.Tensor]] = []
 
@@ -99,10 +105,9 @@ class Mamba(nn.Module):
 
         u, delta, z are (B, d_inner, L) (z a view into in_proj's output), B and C (B, d_state, L).
         """
-        seqlen = x.shape[-1]
         xz = channels_first_linear(self.in_proj, x)  # (B, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
-        x = self.act(self.conv1d(x)[..., :seqlen])
+        x = causal_conv1d_silu(self.conv1d, x)
         x_dbl = channels_first_linear(self.x_proj, x)  # (B, r + 2N, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         dt = _channel_mix(self.dt_proj.weight, dt)  # (B, d_inner, L); the bias goes in as delta_bias
@@ -134,6 +139,10 @@ def _channel_mix(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
     Explicit mm / bmm: ``torch.matmul`` would return a transposed view here, which the next op then copies.
     """
+    if x.shape[1] <= _NARROW_MAX:
+        kernels = _cpu_layers(x, weight)
+        if kernels is not None:  # CPU float32 inference: a narrow input (dt_proj) is faster as one numba pass
+            return torch.from_numpy(kernels.channel_mix_narrow(weight.detach().numpy(), x.numpy()))
     if x.shape[0] == 1:
         return torch.mm(weight, x[0]).unsqueeze(0)
     return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
@@ -145,6 +154,38 @@ def channels_first_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return y if linear.bias is None else y + linear.bias.to(y.dtype)[:, None]
 
 
+def cpu_inference(*tensors: torch.Tensor) -> bool:
+    """True when ``tensors`` are on the CPU, no autograd graph is being recorded for them and the fast CPU
+    inference paths are not switched off (``CPU_LAYERS_ENV``)."""
+    return (os.environ.get(CPU_LAYERS_ENV) != "0" and all(t.device.type == "cpu" for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+def _cpu_layers(*tensors: torch.Tensor):
+    """The numba kernels of ``ssm._cpu_numba_layers`` when they apply to ``tensors``: :func:`cpu_inference`,
+    float32, rows contiguous, numba importable; else None (the PyTorch path)."""
+    if not cpu_inference(*tensors) or any(t.dtype != torch.float32 or t.stride(-1) != 1 for t in tensors):
+        return None
+    try:
+        from ..ssm import _cpu_numba_layers
+    except ImportError:  # numba missing: the PyTorch path (the CPU scan names what to install)
+        return None
+    return _cpu_numba_layers
+
+
+def causal_conv1d_silu(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(``conv``(x)) cut to x's length: Mamba's causal depthwise conv1d (``padding = K - 1``) on (B, C, L).
+
+    CPU float32 inference runs one fused numba pass (7x faster than PyTorch's oneDNN conv at L = 89 600);
+    otherwise PyTorch's conv1d and SiLU.
+    """
+    kernels = _cpu_layers(x, conv.weight)
+    if kernels is not None and conv.bias is not None:
+        return torch.from_numpy(kernels.conv1d_silu(x.numpy(), conv.weight.detach()[:, 0].contiguous().numpy(),
+                                                    conv.bias.detach().numpy()))
+    return nn.functional.silu(conv(x)[..., : x.shape[-1]])
+
+
 def channels_first_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """``norm`` (over the last dim of (B, L, C) tokens) applied to channels-first (B, C, L) tokens.
 
@@ -152,6 +193,10 @@ def channels_first_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tens
     slower on a CPU), in two passes (mean, then the variance of the centred values). Computed in
     float32 at least (as LayerNorm runs under autocast); float64 stays float64.
     """
+    kernels = _cpu_layers(x, norm.weight) if norm.weight is not None and norm.bias is not None else None
+    if kernels is not None:  # CPU float32 inference: one fused numba pass per block of tokens
+        return torch.from_numpy(kernels.layer_norm_cf(x.numpy(), norm.weight.detach().numpy(),
+                                                      norm.bias.detach().numpy(), float(norm.eps)))
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
     with _no_autocast(xf.device):  # matrix products in xf's dtype, not autocast's bf16
         avg = xf.new_full((1, xf.shape[1]), 1.0 / xf.shape[1])

@@ -57,9 +57,29 @@ def default_model_name() -> str:
     return DEFAULT_MODEL
 
 
-def build_model(name: str) -> nn.Module:
-    """A freshly initialised network for the registered model ``name`` (no weights loaded)."""
-    return get_model_spec(name).factory()
+_WIDTH_KEY = {"LightMUNet": "init_filters", "UNet": "features", "MHSVM": "dims"}
+"""The architecture-config entry that sets each network's widths (an int, or one width per level)."""
+
+
+def build_model(name: str, width: int | None = None) -> nn.Module:
+    """A freshly initialised network for the registered model ``name`` (no weights loaded).
+
+    ``width``: the first level's channels instead of the registered ones (each further level doubles them, as in
+    every registered network); the input contract stays the registered model's.
+    """
+    model = get_model_spec(name).factory()
+    if width is None:
+        return model
+    if width < 1:
+        raise ValueError(f"width must be a positive number of channels, not {width}")
+    arch = type(model).__name__
+    config = dict(getattr(model, "arch_config", None) or {})
+    key = _WIDTH_KEY.get(arch)
+    if key is None or key not in config:
+        raise ValueError(f"model {name!r} ({arch}) has no adjustable width")
+    old = config[key]
+    config[key] = width if isinstance(old, int) else [width * 2 ** i for i in range(len(old))]
+    return type(model)(**config)
 
 
 def _lightm(spatial_dims: int, out_channels: int = 3) -> nn.Module:

@@ -182,14 +182,15 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
           patch_size: Sequence[int] | None = None, max_steps: int | None = None, log_every_s: float = 10.0,
           augment: AugmentConfig = AugmentConfig(), init_weights: str | Path | None = None,
           activation_checkpointing: bool = False, ce_top_k: float | None = None,
-          class_balanced_ce: float = 0.0) -> dict:
+          class_balanced_ce: float = 0.0, width: int | None = None) -> dict:
     """Train ``model_name`` on the cache's training cases for ``budget_s`` seconds (or ``max_steps``).
 
     Validation cases come from ``val_ids``, else from the ``split`` JSON (default: the shipped MSD
     hippocampus split); they are never trained on. ``init_weights`` (safetensors of the same architecture)
     starts from those weights instead of a fresh initialisation (a warm restart: new optimiser). ``ce_top_k``:
     cross-entropy over that fraction of the hardest voxels; ``class_balanced_ce``: weight of a per-class averaged
-    cross-entropy term (both: see :func:`dice_ce_loss`). Writes ``checkpoint.pt`` (resumed when present and
+    cross-entropy term (both: see :func:`dice_ce_loss`). ``width``: the network's first-level channels instead of
+    the registered ones (see :func:`~napari_medmamba.models.zoo.build_model`). Writes ``checkpoint.pt`` (resumed when present and
     ``resume``), ``weights.safetensors`` (fp16) and ``model_card.json`` to ``out_dir``; returns the card.
     """
     out = Path(out_dir)
@@ -210,7 +211,7 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = build_model(model_name)
+    model = build_model(model_name, width=width)
     if init_weights is not None:
         from ..models.checkpoints import load_checkpoint
 
@@ -381,12 +382,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="cross-entropy over this fraction of the hardest voxels only (e.g. 0.1; default: all)")
     p.add_argument("--class-balanced-ce", type=float, default=0.0,
                    help="weight of an extra cross-entropy averaged per class first (default 0; at 1.0 it made the CT model worse, docs/training.md)")
+    p.add_argument("--width", type=int, default=None,
+                   help="first-level channels of the network (default: the registered model's; each level doubles)")
     a = p.parse_args(argv)
     card = train(a.model, a.cache, a.out, budget_s=a.budget_s, split=a.split, batch_size=a.batch_size, lr=a.lr,
                  weight_decay=a.weight_decay, seed=a.seed, device=a.device, amp=a.amp, resume=not a.no_resume,
                  checkpoint_every_s=a.checkpoint_every_s, max_steps=a.max_steps, patch_size=a.patch_size,
                  init_weights=a.init_weights, activation_checkpointing=a.activation_checkpointing,
-                 ce_top_k=a.ce_top_k, class_balanced_ce=a.class_balanced_ce,
+                 ce_top_k=a.ce_top_k, class_balanced_ce=a.class_balanced_ce, width=a.width,
                  log=lambda s: print(s, flush=True))
     print(json.dumps(card["validation_dice"]["per_class"]), flush=True)
     return 0

@@ -1,0 +1,206 @@
+"""CPU inference fast paths of the Mamba layers against their PyTorch references, and when each one runs.
+
+The numba kernels (``napari_medmamba.ssm._cpu_numba_layers``: causal conv1d + SiLU, channels-first LayerNorm,
+narrow channel mix), LightM-UNet's pairwise max pooling and the heap-reuse context of ``segment()``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from napari_medmamba import large_allocations
+from napari_medmamba.models import mamba as mamba_mod
+from napari_medmamba.models.lightm_unet import LightMUNet, MaxPool
+from napari_medmamba.models.mamba import (CPU_LAYERS_ENV, Mamba, causal_conv1d_silu, channels_first_layer_norm,
+                                          channels_first_linear, cpu_inference)
+from napari_medmamba.ssm import _cpu_numba_layers as kernels
+
+
+def _torch_path(monkeypatch):
+    monkeypatch.setenv(CPU_LAYERS_ENV, "0")
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 5, 511, 512, 513, 1500])
+@pytest.mark.parametrize("channels,width,batch", [(1, 4, 1), (8, 4, 2), (64, 4, 1), (5, 2, 1), (3, 7, 2)])
+def test_conv1d_silu_equals_torch(length, channels, width, batch) -> None:
+    g = torch.Generator().manual_seed(length * 31 + channels)
+    conv = nn.Conv1d(channels, channels, width, groups=channels, padding=width - 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        conv.bias.copy_(torch.randn(channels, generator=g))
+    xz = torch.randn(batch, 2 * channels, length, generator=g) * 3
+    x = xz[:, :channels]  # a channel slice, as Mamba's in_proj output is split: rows contiguous, not the whole
+    with torch.inference_mode():
+        ref = F.silu(conv(x)[..., :length])
+        fast = torch.from_numpy(kernels.conv1d_silu(x.numpy(), conv.weight[:, 0].contiguous().numpy(),
+                                                    conv.bias.numpy()))
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 7, 512, 513, 3000])
+@pytest.mark.parametrize("channels,batch", [(1, 1), (12, 2), (64, 1)])
+def test_layer_norm_equals_reference(monkeypatch, length, channels, batch) -> None:
+    g = torch.Generator().manual_seed(length + channels)
+    norm = nn.LayerNorm(channels)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+        norm.bias.uniform_(-0.5, 0.5, generator=g)
+    x = torch.randn(batch, channels, length, generator=g) * 3 + 5  # a large mean: two passes stay accurate
+    with torch.inference_mode():
+        fast = channels_first_layer_norm(norm, x)
+        _torch_path(monkeypatch)
+        ref = channels_first_layer_norm(norm, x)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(fast, norm(x.transpose(1, 2)).transpose(1, 2), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("rank,length,batch", [(1, 9, 1), (2, 513, 1), (4, 1000, 2), (8, 3, 1)])
+def test_narrow_channel_mix_equals_matrix_product(monkeypatch, rank, length, batch) -> None:
+    g = torch.Generator().manual_seed(rank)
+    lin = nn.Linear(rank, 24, bias=False)
+    x = torch.randn(batch, rank + 5, length, generator=g)[:, 2:2 + rank]  # a slice of x_proj's output
+    with torch.inference_mode():
+        fast = channels_first_linear(lin, x)
+        _torch_path(monkeypatch)
+        ref = channels_first_linear(lin, x)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv1d_silu_dispatch(monkeypatch) -> None:
+    """The numba kernel runs for CPU float32 inference only; training and float64 keep PyTorch's conv."""
+    calls = []
+    real = kernels.conv1d_silu
+    monkeypatch.setattr(kernels, "conv1d_silu", lambda *a: calls.append(1) or real(*a))
+    conv = nn.Conv1d(6, 6, 4, groups=6, padding=3)
+    x = torch.randn(1, 6, 40)
+    y_train = causal_conv1d_silu(conv, x)  # weights require grad, grad mode on: autograd needs PyTorch's op
+    assert y_train.requires_grad and calls == []
+    with torch.no_grad():
+        y = causal_conv1d_silu(conv, x)
+        assert calls == [1]
+        causal_conv1d_silu(conv.double(), x.double())
+        assert calls == [1]
+    torch.testing.assert_close(y, y_train.detach(), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(CPU_LAYERS_ENV, "0")
+    with torch.no_grad():
+        causal_conv1d_silu(conv.float(), x)
+    assert calls == [1]
+
+
+def test_cpu_inference_conditions(monkeypatch) -> None:
+    w = nn.Parameter(torch.ones(3))
+    x = torch.ones(3)
+    assert not cpu_inference(x, w)  # grad mode on and a parameter that requires grad: training
+    with torch.no_grad():
+        assert cpu_inference(x, w)
+    with torch.inference_mode():
+        assert cpu_inference(x)
+        monkeypatch.setenv(CPU_LAYERS_ENV, "0")
+        assert not cpu_inference(x)
+
+
+@pytest.mark.parametrize("dims,shape", [(3, (2, 3, 6, 8, 4)), (2, (1, 5, 10, 6)), (3, (1, 2, 5, 6, 8))])
+def test_max_pool_equals_torch(dims, shape) -> None:
+    pool = MaxPool(dims, 2)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        assert torch.equal(pool(x), pool.pool(x))  # odd sizes (the last case) fall back to PyTorch's pooling
+    xg = x.clone().requires_grad_()
+    pool(xg).sum().backward()  # training: PyTorch's pooling (one gradient per window)
+    assert int(xg.grad.sum()) == pool.pool(x).numel()
+
+
+def test_max_pool_keeps_nan() -> None:
+    x = torch.zeros(1, 1, 2, 2, 2)
+    x[0, 0, 1, 0, 1] = float("nan")
+    with torch.inference_mode():
+        assert torch.isnan(MaxPool(3, 2)(x)).all()
+
+
+def test_mamba_and_lightm_unet_fast_path_equals_torch_path(monkeypatch) -> None:
+    torch.manual_seed(0)
+    m = Mamba(d_model=16, d_state=8).eval()
+    h = torch.randn(2, 300, 16)
+    net = LightMUNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3).eval()
+    x = torch.randn(1, 1, 16, 24, 16)
+    with torch.inference_mode():
+        fast_m, fast_net = m(h), net(x)
+        _torch_path(monkeypatch)
+        ref_m, ref_net = m(h), net(x)
+    torch.testing.assert_close(fast_m, ref_m, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast_net, ref_net, rtol=1e-4, atol=1e-4)
+
+
+class _FakeLibc:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_reuse_large_allocations_sets_and_restores_once(monkeypatch) -> None:
+    fake = _FakeLibc()
+    monkeypatch.setattr(large_allocations, "_glibc", lambda: fake)
+    with large_allocations.reuse_large_allocations():
+        assert large_allocations.is_active()
+        with large_allocations.reuse_large_allocations():  # nested: no second change, no early restore
+            pass
+        assert large_allocations.is_active()
+        assert fake.calls == [("mallopt", -3, 1 << 30), ("mallopt", -1, 1 << 30)]
+    assert not large_allocations.is_active()
+    assert fake.calls[2:] == [("mallopt", -3, 32 << 20), ("mallopt", -1, 64 << 20), ("malloc_trim", 0)]
+
+
+def test_reuse_large_allocations_restores_after_an_error_and_obeys_the_env_var(monkeypatch) -> None:
+    fake = _FakeLibc()
+    monkeypatch.setattr(large_allocations, "_glibc", lambda: fake)
+    with pytest.raises(RuntimeError), large_allocations.reuse_large_allocations():
+        raise RuntimeError("cancelled")
+    assert fake.calls[-1] == ("malloc_trim", 0) and not large_allocations.is_active()
+    fake.calls.clear()
+    monkeypatch.setenv(large_allocations.ENV_VAR, "0")
+    with large_allocations.reuse_large_allocations():
+        assert not large_allocations.is_active()
+    assert fake.calls == []
+
+
+def test_reuse_large_allocations_on_this_machine() -> None:
+    """With the real C library (glibc in CI) the block runs and the numbers a forward pass gives are unchanged."""
+    torch.manual_seed(0)
+    net = LightMUNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.inference_mode():
+        ref = net(x)
+        with large_allocations.reuse_large_allocations():
+            big = torch.ones(64 << 20 >> 2)  # 64 MiB: above glibc's usual mmap threshold
+            out = net(x)
+            assert float(big.sum()) == big.numel()
+    assert torch.equal(out, ref)
+
+
+def test_segment_runs_the_network_with_heap_reuse_on_the_cpu() -> None:
+    import numpy as np
+
+    from napari_medmamba.inference import segment
+    from test_inference_support import ThresholdNet, contract
+
+    seen = []
+
+    class Spy(ThresholdNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(large_allocations.is_active())
+            return super().forward(x)
+
+    volume = np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32)
+    segment(volume, (Spy(), contract(orientation=None)), device="cpu")
+    assert seen and all(seen)
+    assert not large_allocations.is_active()
