@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from napari_medmamba import large_allocations
-from napari_medmamba.models import mamba as mamba_mod
 from napari_medmamba.models.lightm_unet import LightMUNet, MaxPool
 from napari_medmamba.models.mamba import (CPU_LAYERS_ENV, Mamba, causal_conv1d_silu, channels_first_layer_norm,
                                           channels_first_linear, cpu_inference)

@@ -36,7 +36,7 @@ NARROW_MAX = 8
 _FASTMATH = {"nsz", "contract", "reassoc", "arcp", "afn"}
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 def conv1d_silu(x, weight, bias):
     """SiLU(causal depthwise conv1d(x) + bias): x (B, C, L), weight (C, K), bias (C,) -> (B, C, L)."""
     nb, nc, length = x.shape
@@ -67,7 +67,7 @@ def conv1d_silu(x, weight, bias):
     return out
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 def layer_norm_cf(x, weight, bias, eps):
     """LayerNorm over dim 1 of x (B, C, L) with per-channel ``weight`` and ``bias`` (C,) -> (B, C, L)."""
     nb, nc, length = x.shape
@@ -103,7 +103,7 @@ def layer_norm_cf(x, weight, bias, eps):
     return out
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 def channel_mix_narrow(weight, x):
     """``weight`` (O, K) times each (K, L) of x (B, K, L) -> (B, O, L), for small K."""
     nb, nk, length = x.shape
