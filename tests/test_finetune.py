@@ -267,3 +267,39 @@ def test_finetune_flips_with_the_contracts_left_right_pairs(example, monkeypatch
     monkeypatch.setattr(ft, "augment_batch", recording)
     finetune(paired, [example], max_steps=1, budget_s=120, mode="decoder", device="cpu", patch_size=PATCH)
     assert seen and all(p == ((1, 2),) for p in seen)
+
+
+def test_ct_contract_finetunes_and_scores_on_the_body_box(monkeypatch) -> None:
+    """A CT model segments only the body's box; fine-tuning trains and scores there too (as the base trained)."""
+    import dataclasses
+
+    import napari_medmamba.training.finetune as ft
+    from napari_medmamba.io.volume import Geometry, Volume
+    from napari_medmamba.models.registry import ModelSpec
+    from test_inference_support import TinyUNet, contract
+
+    ct = contract(orientation=None, target_spacing=None, normalization="ct", patch=(8, 64, 64),
+                  ct_window=(-1000.0, 1000.0), ct_stats=(0.0, 500.0), body_threshold_hu=-500.0)
+    spec = ModelSpec(name="tiny_ct", factory=lambda: TinyUNet(), contract=ct)
+    hu = np.full((16, 64, 64), -1000.0, np.float32)  # air, and a 20-voxel-wide body in the middle
+    hu[:, 22:42, 22:42] = 40.0
+    labels = np.zeros(hu.shape, np.int64)
+    labels[:, 28:36, 28:36] = 1
+    log = EditLog(hu.shape)
+    for z in range(0, 16, 2):
+        log.accept_slice(0, z)
+    volume = Volume(hu, Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())))
+    shapes, scored = [], []
+    real_augment, real_dice = ft.augment_batch, ft._dice
+    monkeypatch.setattr(ft, "augment_batch", lambda x, *a, **k: shapes.append(tuple(x.shape[2:])) or real_augment(x, *a, **k))
+    monkeypatch.setattr(ft, "_dice", lambda net, ex, *a, **k: scored.extend(p.image.shape for p, _ in ex) or real_dice(net, ex, *a, **k))
+    ft.finetune(spec, [CorrectionExample(volume, labels, log)], max_steps=2, budget_s=60, mode="full", device="cpu",
+                patch_size=(8, 64, 64), eval_every=1)
+    box = (16, 20 + 2 * 12, 20 + 2 * 12)  # the body plus a 12 mm margin on each side (1 mm voxels), whole z
+    assert shapes and all(s[1] <= box[1] and s[2] <= box[2] for s in shapes), shapes
+    assert scored and all(s == box for s in scored), scored
+    no_crop = dataclasses.replace(spec, contract=dataclasses.replace(ct, body_threshold_hu=None))
+    shapes.clear()
+    ft.finetune(no_crop, [CorrectionExample(volume, labels, log)], max_steps=1, budget_s=60, mode="full", device="cpu",
+                patch_size=(8, 64, 64), eval_every=1)
+    assert shapes and shapes[0][1:] == (64, 64)

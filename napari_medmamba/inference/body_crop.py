@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["BODY_MARGIN_MM", "BODY_MIN_FRACTION", "body_box"]
+__all__ = ["BODY_MARGIN_MM", "BODY_MIN_FRACTION", "body_box", "normalised_body_box"]
 
 BODY_MARGIN_MM = 12.0
 """Margin kept around the body's bounding box on every side."""
@@ -46,6 +46,16 @@ def body_box(image_hu: np.ndarray, threshold_hu: float, spacing_zyx: Sequence[fl
         start, stop = _grow(start, stop, n, multiple)
         box.append(slice(start, stop))
     return tuple(box)  # type: ignore[return-value]
+
+
+def normalised_body_box(image: np.ndarray, contract, multiple: int = 1) -> tuple[slice, slice, slice] | None:
+    """:func:`body_box` of an image already normalised with a CT contract's scheme (training caches, fine-tuning
+    examples): mapped back to (clipped) HU through ``contract.ct_stats``, on the contract's working spacing."""
+    if contract.body_threshold_hu is None or contract.normalization != "ct" or contract.ct_stats is None:
+        raise ValueError("cropping to the body needs a CT contract with body_threshold_hu")
+    mean, std = contract.ct_stats
+    hu = image.astype(np.float32) * np.float32(std) + np.float32(mean)
+    return body_box(hu, contract.body_threshold_hu, contract.target_spacing or (1.0, 1.0, 1.0), multiple=multiple)
 
 
 def _grow(start: int, stop: int, n: int, multiple: int) -> tuple[int, int]:

@@ -208,16 +208,11 @@ class CachedCases:
         """Every case cut to its body's box, as the inference engine tiles a CT (``inference.body_crop``): the
         same HU threshold (the cached images are mapped back to HU through ``ct_stats``), margin and rounding
         to ``multiple``."""
-        from ..inference.body_crop import body_box
+        from ..inference.body_crop import normalised_body_box
 
-        if contract.body_threshold_hu is None or contract.normalization != "ct" or contract.ct_stats is None:
-            raise ValueError("cropping to the body needs a CT contract with body_threshold_hu")
-        mean, std = contract.ct_stats
-        spacing = contract.target_spacing or (1.0, 1.0, 1.0)
         images, labels = [], []
         for image, label in zip(self.images, self.labels):
-            hu = image.astype(np.float32) * np.float32(std) + np.float32(mean)  # normalised back to (clipped) HU
-            box = body_box(hu, contract.body_threshold_hu, spacing, multiple=multiple) or (slice(None),) * 3
+            box = normalised_body_box(image, contract, multiple) or (slice(None),) * 3
             images.append(image[box])
             labels.append(label[box])
         return CachedCases(list(self.case_ids), images, labels, self.meta, self.present)

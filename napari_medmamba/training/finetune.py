@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..annotation.edit_log import EditLog
+from ..inference.body_crop import normalised_body_box
 from ..inference.engine import Cancel, cancel_check
 from ..inference.planner import choose_device
 from ..inference.preprocessing import (
@@ -188,6 +189,16 @@ def prepare_example(example: CorrectionExample, contract: InputContract) -> Prep
         sup = _resample_nearest(sup, grid, work, shape) > 0
     return PreparedExample(normalize(np.ascontiguousarray(image), contract), np.ascontiguousarray(lab, dtype=np.int64),
                            np.ascontiguousarray(sup, dtype=bool))
+
+
+def _cropped_to_body(p: PreparedExample, contract: InputContract, multiple: int) -> PreparedExample:
+    """``p`` cut to its body's box as the engine cuts a CT (``inference.body_crop``); supervised voxels outside
+    the box (air, 12 mm or more from the body) are dropped with it."""
+    box = normalised_body_box(p.image, contract, multiple)
+    if box is None:
+        return p
+    return PreparedExample(np.ascontiguousarray(p.image[box]), np.ascontiguousarray(p.labels[box]),
+                           np.ascontiguousarray(p.supervised[box]))
 
 
 def _fingerprint(prepared: Sequence[PreparedExample]) -> str:
@@ -405,7 +416,8 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
 
     Trains on patches (``patch_size``, default the contract's with z limited to :data:`TRAIN_Z_STRIDES` times the
     network's stride, never larger than the volume rounded up to the stride) centred on the supervised axial slices that are not held back; the loss is CE + soft Dice
-    over supervised voxels only. Stops at ``budget_s`` seconds, ``max_steps`` steps, when ``cancel`` says so,
+    over supervised voxels only. A CT contract with ``body_threshold_hu`` has each example cut to its body's box
+    first (as the engine segments it and the base was trained), for training and the held-back Dice. Stops at ``budget_s`` seconds, ``max_steps`` steps, when ``cancel`` says so,
     or after ``patience`` evaluations (every ``eval_every`` steps) without a better held-back Dice (not counted
     while a new class is still never predicted on the held-back slices); the best
     state is kept. With ``out_dir`` (a model store folder, see :mod:`.model_store`): writes ``<name>.safetensors``
@@ -448,6 +460,8 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
         head_name = widen_head(net, base_classes, len(new_labels))
     stride = int(getattr(net, "stride", 1) or 1)
     prepared = [prepare_example(e, contract) for e in examples]
+    if contract.body_threshold_hu is not None:  # a CT model segments the body's box only: train and score there too
+        prepared = [_cropped_to_body(p, contract, stride) for p in prepared]
 
     # axial (working-grid z) slices with supervision; hold a fraction back
     slices = [(i, int(z)) for i, p in enumerate(prepared) for z in np.flatnonzero(p.supervised.any(axis=(1, 2)))]
