@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from .. import ssm as _ssm
 
-__all__ = ["CPU_LAYERS_ENV", "Mamba", "causal_conv1d_silu", "cpu_inference", "channels_first_layer_norm", "channels_first_linear", "dt_bias_init", "scan_override",
-           "selective_scan"]
+__all__ = ["CPU_LAYERS_ENV", "Mamba", "causal_conv1d_silu", "channels_first_layer_norm", "channels_first_linear",
+           "cpu_inference", "dt_bias_init", "scan_override", "selective_scan"]
 
 CPU_LAYERS_ENV = "MEDMAMBA_CPU_LAYERS"
 """Set to 0 to run CPU inference through PyTorch's ops instead of the fused numba kernels (e.g. to compare)."""

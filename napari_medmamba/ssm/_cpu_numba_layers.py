@@ -36,6 +36,13 @@ NARROW_MAX = 8
 _FASTMATH = {"nsz", "contract", "reassoc", "arcp", "afn"}
 
 
+@njit(inline="always")
+def _block(item, blocks, length):
+    """(batch, first time step, steps) of work item ``item`` when each sequence is cut into ``blocks`` blocks."""
+    t0 = (item % blocks) * BLOCK
+    return item // blocks, t0, min(t0 + BLOCK, length) - t0
+
+
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 def conv1d_silu(x, weight, bias):
     """SiLU(causal depthwise conv1d(x) + bias): x (B, C, L), weight (C, K), bias (C,) -> (B, C, L)."""
@@ -44,9 +51,7 @@ def conv1d_silu(x, weight, bias):
     out = np.empty((nb, nc, length), dtype=np.float32)
     blocks = (length + BLOCK - 1) // BLOCK
     for item in prange(nb * blocks):
-        b = item // blocks
-        t0 = (item % blocks) * BLOCK
-        n = min(t0 + BLOCK, length) - t0
+        b, t0, n = _block(item, blocks, length)
         acc = np.empty(BLOCK, dtype=np.float32)
         for c in range(nc):
             xr = x[b, c]
@@ -75,9 +80,7 @@ def layer_norm_cf(x, weight, bias, eps):
     blocks = (length + BLOCK - 1) // BLOCK
     inv_c = np.float32(1.0 / nc)
     for item in prange(nb * blocks):
-        b = item // blocks
-        t0 = (item % blocks) * BLOCK
-        n = min(t0 + BLOCK, length) - t0
+        b, t0, n = _block(item, blocks, length)
         mean = np.zeros(BLOCK, dtype=np.float32)
         var = np.zeros(BLOCK, dtype=np.float32)
         for c in range(nc):
@@ -111,9 +114,7 @@ def channel_mix_narrow(weight, x):
     out = np.empty((nb, no, length), dtype=np.float32)
     blocks = (length + BLOCK - 1) // BLOCK
     for item in prange(nb * blocks):
-        b = item // blocks
-        t0 = (item % blocks) * BLOCK
-        n = min(t0 + BLOCK, length) - t0
+        b, t0, n = _block(item, blocks, length)
         for o in range(no):
             orow = out[b, o, t0:t0 + n]
             w0 = weight[o, 0]
