@@ -203,3 +203,36 @@ def test_segment_runs_the_network_with_heap_reuse_on_the_cpu() -> None:
     segment(volume, (Spy(), contract(orientation=None)), device="cpu")
     assert seen and all(seen)
     assert not large_allocations.is_active()
+
+
+@pytest.mark.parametrize("device,expected", [("cpu", True), ("auto", not torch.cuda.is_available()), ("meta", False)])
+def test_training_entry_points_reuse_large_allocations_on_the_cpu(device, expected) -> None:
+
+    seen = []
+
+    @large_allocations.reusing_large_allocations_on_cpu
+    def step(*, device: str = "auto") -> None:
+        seen.append(large_allocations.is_active())
+
+    step(device=device)
+    assert seen == [expected] and not large_allocations.is_active()
+
+
+def test_finetune_and_train_run_with_heap_reuse_on_the_cpu(monkeypatch) -> None:
+    import napari_medmamba.training.finetune as ft
+    import napari_medmamba.training.trainer as tr
+
+    class Seen(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        raise Seen(large_allocations.is_active())
+
+    monkeypatch.setattr(ft, "_base", record)  # the first step of finetune()
+    monkeypatch.setattr(tr.CachedCases, "load", record)  # the first data step of train()
+    for call in (lambda: ft.finetune("lightm_unet_3d", [object()], device="cpu"),
+                 lambda: tr.train("unet_3d", "cache.npz", "out", budget_s=1, device="cpu")):
+        with pytest.raises(Seen) as info:
+            call()
+        assert info.value.args == (True,)
+    assert not large_allocations.is_active()

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..annotation.edit_log import EditLog
 from ..inference.body_crop import normalised_body_box
+from ..large_allocations import reusing_large_allocations_on_cpu
 from ..inference.engine import Cancel, cancel_check
 from ..inference.planner import choose_device
 from ..inference.preprocessing import (
@@ -404,6 +405,7 @@ def anchor_loss(logits: torch.Tensor, base_logits: torch.Tensor, classes: Sequen
     return (kl * w).sum() / w.sum().clamp_min(1.0)
 
 
+@reusing_large_allocations_on_cpu
 def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, budget_s: float = 60.0,
              max_steps: int | None = None, mode: Literal["decoder", "full"] = "decoder", device: str = "auto",
              holdout_fraction: float = 0.2, seed: int = 0, out_dir: str | Path | None = None, name: str | None = None,

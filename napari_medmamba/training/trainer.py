@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic_write import atomic_write
+from ..large_allocations import reusing_large_allocations_on_cpu
 from ..models.checkpoints import save_weights
 from ..models.registry import InputContract, get_model_spec
 from ..models.zoo import build_model
@@ -175,6 +176,7 @@ def _patch_sampler(cases: CachedCases, contract: InputContract, patch: tuple[int
     return PatchSampler(body.images, body.labels, patch, pad_value=air, cap_multiple=stride)
 
 
+@reusing_large_allocations_on_cpu
 def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget_s: float,
           val_ids: Sequence[str] | None = None, split: str | Path | dict | None = None, batch_size: int = 8,
           lr: float = 2e-3, weight_decay: float = 3e-5, seed: int = 0, device: str = "auto", amp: str = "bf16",
