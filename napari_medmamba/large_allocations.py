@@ -5,8 +5,8 @@ and returns it with ``munmap`` when freed, so each large tensor of a forward pas
 time, every time. LightM-UNet's full-resolution Mamba layers allocate many such tensors: (64 channels x
 89 600 tokens) for a hippocampus patch, 4-6x that for a head-and-neck CT box. Inside
 :func:`reuse_large_allocations` the threshold is raised, so freed buffers go back to the heap and the next
-tensor reuses pages that are already mapped: the hippocampus forward ran 461 -> 391 ms and a 64 x 96 x 128 CT
-box 6.6 -> 4.5 s on a 2-core EPYC (docs/benchmarks.md). On leaving, glibc's usual limits come back and
+tensor reuses pages that are already mapped: the hippocampus forward ran 449 -> 393 ms and a 64 x 96 x 128 CT
+box 6.1 -> 5.1 s on a 2-core EPYC (``benchmarks/cpu_forward.py``; docs/benchmarks.md). On leaving, glibc's usual limits come back and
 ``malloc_trim`` hands the freed heap back to the system, so memory use after a run is what it was before.
 
 Elsewhere (not glibc, or ``MEDMAMBA_HEAP_REUSE=0`` in the environment) the context does nothing.
