@@ -6,8 +6,9 @@ time, every time. LightM-UNet's full-resolution Mamba layers allocate many such 
 89 600 tokens) for a hippocampus patch, 4-6x that for a head-and-neck CT box. Inside
 :func:`reuse_large_allocations` the threshold is raised, so freed buffers go back to the heap and the next
 tensor reuses pages that are already mapped: the hippocampus forward ran 449 -> 393 ms and a 64 x 96 x 128 CT
-box 6.1 -> 5.1 s on a 2-core EPYC (``benchmarks/cpu_forward.py``; docs/benchmarks.md). On leaving, glibc's usual limits come back and
-``malloc_trim`` hands the freed heap back to the system, so memory use after a run is what it was before.
+box 6.1 -> 5.1 s on a 2-core EPYC (``benchmarks/cpu_forward.py``; docs/benchmarks.md). On leaving, glibc's
+usual limits come back and ``malloc_trim`` hands the freed heap back to the system, so memory use after a run
+is what it was before.
 
 Elsewhere (not glibc, or ``MEDMAMBA_HEAP_REUSE=0`` in the environment) the context does nothing.
 """
@@ -99,10 +100,9 @@ def reusing_large_allocations_on_cpu(fn: _F) -> _F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        import torch
+        from .inference.planner import choose_device
 
-        device = str(kwargs.get("device", "auto"))
-        on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        on_cpu = choose_device(kwargs.get("device", "auto")).type == "cpu"
         with reuse_large_allocations() if on_cpu else nullcontext():
             return fn(*args, **kwargs)
 

@@ -23,7 +23,8 @@ __all__ = ["CPU_LAYERS_ENV", "Mamba", "causal_conv1d_silu", "channels_first_laye
 CPU_LAYERS_ENV = "MEDMAMBA_CPU_LAYERS"
 """Set to 0 to run CPU inference through PyTorch's ops instead of the fused numba kernels (e.g. to compare)."""
 _NARROW_MAX = 8
-"""Inputs this narrow (dt_proj's rank) go to ``_cpu_numba_layers.channel_mix_narrow`` in CPU inference."""
+"""Inputs this narrow (dt_proj's rank) go to ``_cpu_numba_layers.channel_mix_narrow`` in CPU inference (wider
+ones are faster as BLAS matrix products)."""
 
 _OVERRIDE: list[Callable[..., torch.Tensor]] = []
 

@@ -25,13 +25,10 @@ from numba import njit, prange
 # absolute, as in _cpu_numba (benchmarks load copies of these files outside the package)
 from napari_medmamba.ssm._cpu_numba import scan_exp
 
-__all__ = ["BLOCK", "NARROW_MAX", "channel_mix_narrow", "conv1d_silu", "layer_norm_cf"]
+__all__ = ["BLOCK", "channel_mix_narrow", "conv1d_silu", "layer_norm_cf"]
 
 #: time steps per work item: a (64 channels x 512) float32 block is 128 KB, it stays in L2 between passes
 BLOCK = 512
-
-#: the widest input ``channel_mix_narrow`` is used for (wider ones are faster as BLAS matrix products)
-NARROW_MAX = 8
 
 _FASTMATH = {"nsz", "contract", "reassoc", "arcp", "afn"}
 

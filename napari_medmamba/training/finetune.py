@@ -28,7 +28,6 @@ from torch import nn
 
 from ..annotation.edit_log import EditLog
 from ..inference.body_crop import normalised_body_box
-from ..large_allocations import reusing_large_allocations_on_cpu
 from ..inference.engine import Cancel, cancel_check
 from ..inference.planner import choose_device
 from ..inference.preprocessing import (
@@ -39,6 +38,7 @@ from ..inference.preprocessing import (
 )
 from ..inference.sliding_window import sliding_window, tile_for
 from ..io.volume import Geometry, Volume
+from ..large_allocations import reusing_large_allocations_on_cpu
 from ..models.registry import (
     REGISTRY,
     InputContract,
@@ -419,8 +419,8 @@ def finetune(model: str | ModelSpec, examples: Sequence[CorrectionExample], *, b
     Trains on patches (``patch_size``, default the contract's with z limited to :data:`TRAIN_Z_STRIDES` times the
     network's stride, never larger than the volume rounded up to the stride) centred on the supervised axial slices that are not held back; the loss is CE + soft Dice
     over supervised voxels only. A CT contract with ``body_threshold_hu`` has each example cut to its body's box
-    first (as the engine segments it and the base was trained), for training and the held-back Dice. Stops at ``budget_s`` seconds, ``max_steps`` steps, when ``cancel`` says so,
-    or after ``patience`` evaluations (every ``eval_every`` steps) without a better held-back Dice (not counted
+    first (as the engine segments it and the base was trained), for training and the held-back Dice. Stops at
+    ``budget_s`` seconds, ``max_steps`` steps, when ``cancel`` says so, or after ``patience`` evaluations (every ``eval_every`` steps) without a better held-back Dice (not counted
     while a new class is still never predicted on the held-back slices); the best
     state is kept. With ``out_dir`` (a model store folder, see :mod:`.model_store`): writes ``<name>.safetensors``
     and ``<name>.json`` (model card) there, owner-only.

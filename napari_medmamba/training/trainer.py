@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic_write import atomic_write
+from ..inference.planner import choose_device
 from ..large_allocations import reusing_large_allocations_on_cpu
 from ..models.checkpoints import save_weights
 from ..models.registry import InputContract, get_model_spec
@@ -42,12 +43,6 @@ CITATIONS = [
     "Antonelli M et al. The Medical Segmentation Decathlon. Nature Communications 13, 4128 (2022).",
 ]
 WARMUP_STEPS = 50
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _lr_factor(step: int, elapsed: float, budget_s: float, max_steps: int | None) -> float:
@@ -197,7 +192,7 @@ def train(model_name: str, cache_npz: str | Path, out_dir: str | Path, *, budget
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = _device(device)
+    dev = choose_device(device)
     spec = get_model_spec(model_name)
     contract = spec.contract
     patch = tuple(patch_size or contract.patch_size)
