@@ -78,7 +78,7 @@ def test_scan_cpu_kernels_times_two_versions_on_the_same_inputs(capsys: pytest.C
         assert fwd > 0 and bwd > 0 and abs(ratio - (fwd_save + bwd) / fwd) < 0.01 * ratio + 0.01
 
 
-def test_cpu_forward_benchmark_compares_the_three_variants(tmp_path: Path) -> None:
+def test_cpu_forward_benchmark_compares_the_four_variants(tmp_path: Path) -> None:
     """benchmarks/cpu_forward.py: one row per variant, ratios to the PyTorch path, outputs that agree."""
     out = tmp_path / "cpu.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_forward.py"), "--cases",
@@ -86,7 +86,7 @@ def test_cpu_forward_benchmark_compares_the_three_variants(tmp_path: Path) -> No
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert [r["variant"] for r in rows] == ["torch", "layers", "layers+heap"]
+    assert [r["variant"] for r in rows] == ["torch", "layers", "layers+heap", "pieces+heap"]
     assert rows[0]["speedup"] == 1.0 and rows[0]["max_abs_diff_vs_torch"] == 0.0
     assert all(r["median_ms"] > 0 and r["max_abs_diff_vs_torch"] < 1e-3 for r in rows)
-    assert "| lightm_unet_3d | 8x16x8 | layers+heap |" in done.stdout
+    assert "| lightm_unet_3d | 8x16x8 | pieces+heap |" in done.stdout

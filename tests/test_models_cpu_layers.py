@@ -1,21 +1,26 @@
 """CPU inference fast paths of the Mamba layers against their PyTorch references, and when each one runs.
 
 The numba kernels (``napari_medmamba.ssm._cpu_numba_layers``: causal conv1d + SiLU, channels-first LayerNorm,
-narrow channel mix), LightM-UNet's pairwise max pooling and the heap-reuse context of ``segment()``.
+narrow channel mix; ``_cpu_numba_tokens``: the token-major scan, conv1d and LayerNorms of a Mamba layer run
+piece by piece), LightM-UNet's pairwise max pooling and the heap-reuse context of ``segment()``.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from napari_medmamba import large_allocations
-from napari_medmamba.models.lightm_unet import LightMUNet, MaxPool
+from napari_medmamba.models import lightm_unet
+from napari_medmamba.models.lightm_unet import LightMUNet, MambaLayer, MaxPool
 from napari_medmamba.models.mamba import (CPU_LAYERS_ENV, Mamba, causal_conv1d_silu, channels_first_layer_norm,
-                                          channels_first_linear, cpu_inference)
+                                          channels_first_linear, cpu_inference, scan_override)
 from napari_medmamba.ssm import _cpu_numba_layers as kernels
+from napari_medmamba.ssm import _cpu_numba_tokens as tokens
+from napari_medmamba.ssm.reference import selective_scan_ref
 
 
 def _torch_path(monkeypatch):
@@ -131,6 +136,132 @@ def test_mamba_and_lightm_unet_fast_path_equals_torch_path(monkeypatch) -> None:
         ref_m, ref_net = m(h), net(x)
     torch.testing.assert_close(fast_m, ref_m, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast_net, ref_net, rtol=1e-4, atol=1e-4)
+
+
+def _reference_scan(u, dt_low, w_dt, A, Bt, Ct, D, z, bias):
+    """selective_scan_ref in float64 on token-major inputs (delta = dt_low @ w_dt): (out (B, T, C), state (B, N, C))."""
+    f = lambda a: torch.from_numpy(np.ascontiguousarray(a)).double()  # noqa: E731
+    delta = f(dt_low) @ f(w_dt)
+    out, last = selective_scan_ref(f(u).transpose(1, 2), delta.transpose(1, 2), f(A), f(Bt).transpose(1, 2),
+                                   f(Ct).transpose(1, 2), f(D), f(z).transpose(1, 2), f(bias), delta_softplus=True,
+                                   return_last_state=True)
+    return out.transpose(1, 2).numpy(), last.transpose(1, 2).numpy()
+
+
+@pytest.mark.parametrize("batch,length,channels,n_state,rank",
+                         [(1, 300, 64, 16, 2), (2, 77, 40, 16, 3), (1, 50, 8, 4, 1), (1, 129, 24, 16, 8), (2, 5, 16, 7, 2)])
+def test_token_major_scan_equals_reference_and_continues_across_pieces(batch, length, channels, n_state, rank) -> None:
+    """Channel counts that are not a multiple of the 16 lanes, the generic state size (N != 16), B and C read as
+    column slices of x_proj's output, and a sequence cut into pieces that carry the state."""
+    rng = np.random.default_rng(length + channels)
+    f32 = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
+    u, z = f32(batch, length, channels), f32(batch, length, channels)
+    x_dbl = f32(batch, length, rank + 2 * n_state)
+    dt_low, Bt, Ct = x_dbl[..., :rank], x_dbl[..., rank:rank + n_state], x_dbl[..., rank + n_state:]
+    w_dt = f32(rank, channels) * np.float32(0.5)
+    A = -np.exp(f32(channels, n_state))
+    D, bias = f32(channels), f32(channels) - np.float32(2.0)
+    a2 = np.ascontiguousarray((A * np.float32(np.log2(np.e))).T)
+    state = np.zeros((batch, n_state, channels), np.float32)
+    out = tokens.scan_tokens(u, dt_low, w_dt, a2, Bt, Ct, D, z, bias, state)
+    ref, ref_state = _reference_scan(u, dt_low, w_dt, A, Bt, Ct, D, z, bias)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-4)
+    np.testing.assert_allclose(state, ref_state, rtol=1e-4, atol=2e-4)
+    carried = np.zeros_like(state)
+    pieces = [tokens.scan_tokens(*(np.ascontiguousarray(a[:, t0:t0 + 32]) for a in (u, dt_low)), w_dt, a2,
+                                 *(np.ascontiguousarray(a[:, t0:t0 + 32]) for a in (Bt, Ct)), D,
+                                 np.ascontiguousarray(z[:, t0:t0 + 32]), bias, carried) for t0 in range(0, length, 32)]
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(carried, state, rtol=1e-5, atol=1e-5)
+
+
+def test_token_major_scan_refuses_too_many_states() -> None:
+    x = np.zeros((1, 2, 4), np.float32)
+    with pytest.raises(ValueError, match="at most"):
+        tokens.scan_tokens(x, x[..., :1], np.zeros((1, 4), np.float32), np.zeros((tokens.MAX_STATE + 1, 4), np.float32),
+                           np.zeros((1, 2, 65), np.float32), np.zeros((1, 2, 65), np.float32), np.zeros(4, np.float32),
+                           x, np.zeros(4, np.float32), np.zeros((1, 65, 4), np.float32))
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_token_major_conv1d_silu_continues_across_pieces(width) -> None:
+    g = torch.Generator().manual_seed(width)
+    conv = nn.Conv1d(20, 20, width, groups=20, padding=width - 1)
+    x = torch.randn(2, 20, 103, generator=g)
+    with torch.inference_mode():
+        ref = F.silu(conv(x)[..., :103]).transpose(1, 2)
+        xt = x.transpose(1, 2).contiguous().numpy()
+        w, b = conv.weight[:, 0].contiguous().numpy(), conv.bias.numpy()
+        history = np.zeros((2, width - 1, 20), np.float32)
+        pieces = []
+        for t0 in range(0, 103, 40):  # the carried history is the previous piece's last K - 1 inputs
+            pieces.append(tokens.conv1d_silu_tokens(np.ascontiguousarray(xt[:, t0:t0 + 40]), w, b, history))
+            history = np.ascontiguousarray(xt[:, max(0, t0 + 40 - (width - 1)):t0 + 40]) if width > 1 else history
+    torch.testing.assert_close(torch.from_numpy(np.concatenate(pieces, axis=1)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_token_major_layer_norms_equal_torch() -> None:
+    g = torch.Generator().manual_seed(3)
+    norm = nn.LayerNorm(24)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+        norm.bias.uniform_(-0.5, 0.5, generator=g)
+    x = torch.randn(2, 24, 500, generator=g) * 3 + 5
+    y = torch.randn(2, 100, 24, generator=g)
+    args = (norm.weight.detach().numpy(), norm.bias.detach().numpy(), norm.eps)
+    with torch.inference_mode():
+        piece, normed = tokens.layer_norm_to_tokens(x.numpy(), 130, 100, *args)
+        ref_piece = x[:, :, 130:230].transpose(1, 2)
+        assert torch.equal(torch.from_numpy(piece), ref_piece)
+        torch.testing.assert_close(torch.from_numpy(normed), norm(ref_piece), rtol=1e-5, atol=2e-5)
+        skipped = tokens.skip_layer_norm(y.numpy(), piece, 0.7, *args)
+        torch.testing.assert_close(torch.from_numpy(skipped), norm(y + 0.7 * ref_piece), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("channels,length,batch,piece", [(32, 1000, 1, 256), (16, 777, 2, 100), (24, 50, 1, 4096),
+                                                         (8, 301, 1, 3)])
+def test_mamba_layer_in_pieces_equals_torch_path(monkeypatch, channels, length, batch, piece) -> None:
+    """The token-major piece-by-piece path (CPU inference) against the channels-first PyTorch path, with trained-
+    looking parameters (A, D, skip scale away from their initial values), pieces shorter than the conv1d's width."""
+    torch.manual_seed(channels + length)
+    layer = MambaLayer(channels, channels + 8).eval()
+    with torch.no_grad():
+        layer.mamba.A_log.add_(torch.randn_like(layer.mamba.A_log) * 0.3)
+        layer.mamba.D.add_(torch.randn_like(layer.mamba.D))
+        layer.skip_scale.fill_(0.6)
+    x = torch.randn(batch, channels, length)
+    monkeypatch.setattr(lightm_unet, "PIECE_TOKENS", piece)
+    calls = []
+    real = layer._forward_pieces
+    monkeypatch.setattr(layer, "_forward_pieces", lambda flat: calls.append(1) or real(flat))
+    with torch.inference_mode():
+        fast = layer(x)
+        assert calls == [1]
+        _torch_path(monkeypatch)
+        ref = layer(x)
+        assert calls == [1]
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=2e-5)
+
+
+def test_mamba_layer_pieces_only_in_cpu_float32_inference(monkeypatch) -> None:
+    """Training, float64, a forced scan backend and a scan override (scan_shapes) see whole sequences."""
+    layer = MambaLayer(8, 8)
+    x = torch.randn(1, 8, 40)
+    calls = []
+    real = layer._forward_pieces
+    monkeypatch.setattr(layer, "_forward_pieces", lambda flat: calls.append(1) or real(flat))
+    layer(x).sum().backward()  # training
+    with torch.inference_mode():
+        layer.double()(x.double())
+        layer.float()
+        with scan_override(lambda *a, **k: selective_scan_ref(*a, **k)):
+            layer(x)
+        monkeypatch.setenv("MEDMAMBA_SSM_BACKEND", "torch")
+        layer(x)
+        assert calls == []
+        monkeypatch.delenv("MEDMAMBA_SSM_BACKEND")
+        layer(x)
+    assert calls == [1]
 
 
 class _FakeLibc:

@@ -16,13 +16,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .mamba import Mamba, channels_first_layer_norm, channels_first_linear, cpu_inference
+from .mamba import Mamba, channels_first_layer_norm, channels_first_linear, cpu_inference, cpu_streaming
 from .group_norm import WideGroupNorm
 
 __all__ = ["LightMUNet", "MambaLayer", "MaxPool", "ResMambaBlock", "ResUpBlock"]
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+PIECE_TOKENS = 4096
+"""Tokens per piece when a Mamba layer runs piece by piece in CPU inference (``MambaLayer._forward_pieces``);
+0 turns pieces off (whole sequences, channels-first: to compare, as ``benchmarks/cpu_forward.py`` does)."""
 
 
 class MaxPool(nn.Module):
@@ -103,9 +106,30 @@ class MambaLayer(nn.Module):
         b, c = x.shape[:2]
         dims = x.shape[2:]
         flat = x.reshape(b, c, -1)  # channels-first tokens (B, C, L): a view, no transposed copies
+        if PIECE_TOKENS > 0 and self.mamba.conv1d.bias is not None and cpu_streaming(flat, self.norm.weight):
+            return self._forward_pieces(flat).reshape(b, self.output_dim, *dims)
         y = self.mamba.forward_channels_first(channels_first_layer_norm(self.norm, flat)) + self.skip_scale * flat
         y = channels_first_linear(self.proj, channels_first_layer_norm(self.norm, y))
         return y.reshape(b, self.output_dim, *dims)
+
+    def _forward_pieces(self, flat: torch.Tensor) -> torch.Tensor:
+        """``_forward`` on (B, C, L) tokens in token-major pieces of ``PIECE_TOKENS`` (CPU inference,
+        :func:`cpu_streaming`): each piece goes through norm, Mamba, skip, norm and proj while it is in the cache;
+        the conv1d's history and the scan's state carry over, so the output equals the whole-sequence path's."""
+        from ..ssm import _cpu_numba_tokens as kernels
+
+        length = flat.shape[-1]
+        out = flat.new_empty(flat.shape[0], self.output_dim, length)
+        carry = self.mamba.start_pieces(flat.shape[0])
+        x_cf = flat.contiguous().numpy()
+        weight, bias, eps = self.norm.weight.detach().numpy(), self.norm.bias.detach().numpy(), float(self.norm.eps)
+        scale = float(self.skip_scale)
+        for t0 in range(0, length, PIECE_TOKENS):
+            piece, normed = kernels.layer_norm_to_tokens(x_cf, t0, min(PIECE_TOKENS, length - t0), weight, bias, eps)
+            y = self.mamba.forward_piece(torch.from_numpy(normed), carry)
+            y = torch.from_numpy(kernels.skip_layer_norm(y.numpy(), piece, scale, weight, bias, eps))
+            out[..., t0:t0 + PIECE_TOKENS] = F.linear(y, self.proj.weight, self.proj.bias).transpose(1, 2)
+        return out
 
     def _scan_inputs(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         u, delta, B, C, z = self.mamba.scan_inputs(channels_first_layer_norm(self.norm, flat))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -17,8 +18,8 @@ import torch.nn as nn
 
 from .. import ssm as _ssm
 
-__all__ = ["CPU_LAYERS_ENV", "Mamba", "causal_conv1d_silu", "channels_first_layer_norm", "channels_first_linear",
-           "cpu_inference", "dt_bias_init", "scan_override", "selective_scan"]
+__all__ = ["CPU_LAYERS_ENV", "Mamba", "PieceCarry", "causal_conv1d_silu", "channels_first_layer_norm",
+           "channels_first_linear", "cpu_inference", "cpu_streaming", "dt_bias_init", "scan_override", "selective_scan"]
 
 CPU_LAYERS_ENV = "MEDMAMBA_CPU_LAYERS"
 """Set to 0 to run CPU inference through PyTorch's ops instead of the fused numba kernels (e.g. to compare)."""
@@ -27,6 +28,7 @@ _NARROW_MAX = 8
 ones are faster as BLAS matrix products)."""
 
 _OVERRIDE: list[Callable[..., torch.Tensor]] = []
+_LOG2E = 1.4426950408889634
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -129,6 +131,53 @@ class Mamba(nn.Module):
         """(B, L, d_model) -> (B, L, d_model), as mamba_ssm's ``Mamba``."""
         return self.forward_channels_first(hidden_states.transpose(1, 2)).transpose(1, 2)
 
+    def start_pieces(self, batch: int) -> "PieceCarry":
+        """What :meth:`forward_piece` carries from one piece of a sequence to the next, at the sequence's start."""
+        p = self.A_log
+        a2 = (-torch.exp(p.detach().float()) * _LOG2E).t().contiguous()
+        return PieceCarry(p.new_zeros(batch, self.d_conv - 1, self.d_inner), p.new_zeros(batch, self.d_state, self.d_inner),
+                          a2, self.dt_proj.weight.detach().float().t().contiguous())
+
+    def forward_piece(self, x: torch.Tensor, carry: "PieceCarry") -> torch.Tensor:
+        """The block on one token-major piece (B, T, d_model) of a longer sequence, continuing from ``carry``
+        (updated in place); CPU float32 inference only (:func:`cpu_streaming`).
+
+        Every projection is a (T, in) x (in, out) matrix product (about 3x the BLAS rate of the channels-first
+        product on a 2-core EPYC) and every intermediate stays in the cache; the conv1d and the scan are the
+        token-major numba kernels of ``ssm._cpu_numba_tokens``.
+        """
+        from ..ssm import _cpu_numba_tokens as kernels
+
+        d, r, n = self.d_inner, self.dt_rank, self.d_state
+        w_in, w_x = self.in_proj.weight, self.x_proj.weight
+        b_in = self.in_proj.bias
+        u_raw = nn.functional.linear(x, w_in[:d], None if b_in is None else b_in[:d])
+        z = nn.functional.linear(x, w_in[d:], None if b_in is None else b_in[d:])
+        u = torch.from_numpy(kernels.conv1d_silu_tokens(
+            u_raw.numpy(), self.conv1d.weight.detach()[:, 0].numpy(), self.conv1d.bias.detach().numpy(),
+            carry.history.numpy()))
+        keep = self.d_conv - 1
+        if keep:
+            tail = u_raw if u_raw.shape[1] >= keep else torch.cat([carry.history, u_raw], dim=1)
+            carry.history = tail[:, -keep:].contiguous()
+        x_dbl = nn.functional.linear(u, w_x).numpy()  # (B, T, r + 2N): dt_low, B and C, read as column slices
+        y = kernels.scan_tokens(u.numpy(), x_dbl[..., :r], carry.w_dt.numpy(), carry.a2.numpy(), x_dbl[..., r:r + n],
+                                x_dbl[..., r + n:], self.D.detach().float().numpy(), z.numpy(),
+                                self.dt_proj.bias.detach().float().numpy(), carry.state.numpy())
+        return nn.functional.linear(torch.from_numpy(y), self.out_proj.weight, self.out_proj.bias)
+
+
+@dataclass
+class PieceCarry:
+    """State of a sequence between pieces in :meth:`Mamba.forward_piece`, token-major: the conv1d's last K - 1
+    inputs (B, K - 1, d_inner), the scan's state (B, N, d_inner; updated in place by the kernel), and
+    A log2(e) (N, d_inner) and dt_proj's weight transposed (r, d_inner), computed once per sequence."""
+
+    history: torch.Tensor
+    state: torch.Tensor
+    a2: torch.Tensor
+    w_dt: torch.Tensor
+
 
 def _no_autocast(device: torch.device):
     """Autocast switched off on ``device`` (a no-op context where autocast does not exist, e.g. 'meta')."""
@@ -160,6 +209,17 @@ def cpu_inference(*tensors: torch.Tensor) -> bool:
     inference paths are not switched off (``CPU_LAYERS_ENV``)."""
     return (os.environ.get(CPU_LAYERS_ENV) != "0" and all(t.device.type == "cpu" for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+def cpu_streaming(*tensors: torch.Tensor) -> bool:
+    """True when a Mamba layer may run piece by piece (:meth:`Mamba.forward_piece`): the numba layers apply
+    (:func:`_cpu_layers`), the scan dispatch picks the numba CPU backend and no :func:`scan_override` is
+    active (its calls must see whole sequences)."""
+    if _OVERRIDE or _cpu_layers(*tensors) is None:
+        return False
+    from ..ssm.dispatch import resolve_backend
+
+    return resolve_backend(tensors[0].device) == "cpu"
 
 
 def _cpu_layers(*tensors: torch.Tensor):

@@ -1,0 +1,204 @@
+"""Numba kernels for CPU inference of a Mamba layer on token-major pieces: (batch, T, channels) arrays.
+
+A long sequence is processed piece by piece (``models.mamba.Mamba.forward_piece``), each piece small enough to
+stay in the cache; token-major pieces make every channel projection a (T, in) x (in, out) matrix product, which
+the BLAS runs at about 3x the rate of the channels-first (out, in) x (in, T) product on a 2-core EPYC.
+
+* ``scan_tokens``: the gated selective scan (softplus(delta + bias), D skip, SiLU(z) gate) continuing from a
+  carried state. Lanes are channels: for each step and state n, 16 channels update together, so the output
+  y_t = sum_n C_t,n h_t,n is a plain multiply-add per lane, with no horizontal sum over the state as in the
+  channels-first kernel (``_cpu_numba``); the decay exp(dt A) is 2^(dt A log2 e) with A given pre-scaled.
+* ``conv1d_silu_tokens``: the causal depthwise conv1d (continuing from the previous piece's last K - 1 inputs)
+  plus bias, then SiLU.
+
+float32 only. Work is split over (batch, block of ``LANES`` channels). References: ``selective_scan_ref`` and
+PyTorch's conv1d, compared in tests/test_models_cpu_layers.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# absolute, as in _cpu_numba (benchmarks load copies of these files outside the package)
+from napari_medmamba.ssm._cpu_numba import _stack_ptr, scan_exp, scan_exp2, scan_softplus
+
+__all__ = ["LANES", "conv1d_silu_tokens", "layer_norm_to_tokens", "scan_tokens", "skip_layer_norm"]
+
+#: channels updated together (one AVX-512 register of float32)
+LANES = 16
+#: the largest state size the stack buffers hold
+MAX_STATE = 64
+_STATE_BUFFER = 1024  # MAX_STATE * LANES values (a literal: the stack allocation's size is fixed when compiled)
+
+_FASTMATH = {"nsz", "contract", "reassoc", "arcp", "afn"}
+
+
+def _make_scan(n_const: int):
+    """The scan kernel; ``n_const`` > 0 fixes the state size N at compile time (LLVM then unrolls the loop over
+    the state and keeps the N x LANES state in vector registers), 0 reads it from ``a2``."""
+
+    @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+    def scan(u, dt_low, w_dt, a2, Bt, Ct, D, z, bias, state):  # pragma: no cover - compiled
+        nb, length, nc = u.shape
+        n_state = n_const if n_const > 0 else a2.shape[0]
+        blocks = (nc + LANES - 1) // LANES
+        padded = blocks * LANES
+        zero = np.float32(0.0)
+        # element-wise passes over contiguous rows (vectorised): step sizes and drives before, the gate after
+        steps = np.zeros((nb, length, padded), dtype=np.float32)
+        drives = np.zeros((nb, length, padded), dtype=np.float32)
+        ys = np.empty((nb, length, padded), dtype=np.float32)
+        rank = w_dt.shape[0]
+        for row in prange(nb * length):
+            b, t = row // length, row % length
+            lr, ur, sr, vr = dt_low[b, t], u[b, t], steps[b, t], drives[b, t]
+            for c in range(nc):
+                sr[c] = bias[c]
+            for k in range(rank):  # dt = dt_proj(dt_low): a rank-r channel mix
+                lk, wk = lr[k], w_dt[k]
+                for c in range(nc):
+                    sr[c] += lk * wk[c]
+            for c in range(nc):
+                st = scan_softplus(sr[c])
+                sr[c] = st
+                vr[c] = st * ur[c]
+        for item in prange(nb * blocks):
+            b = item // blocks
+            d0 = (item % blocks) * LANES
+            w = min(LANES, nc - d0)
+            h = numba.carray(_stack_ptr(zero, _STATE_BUFFER), (MAX_STATE, LANES))
+            a = numba.carray(_stack_ptr(zero, _STATE_BUFFER), (MAX_STATE, LANES))
+            acc = numba.carray(_stack_ptr(zero, 16), (LANES,))
+            for n in range(n_state):
+                for i in range(LANES):
+                    h[n, i] = state[b, n, d0 + i] if i < w else zero
+                    a[n, i] = a2[n, d0 + i] if i < w else zero
+            for t in range(length):
+                sr, vr = steps[b, t, d0:d0 + LANES], drives[b, t, d0:d0 + LANES]
+                for i in range(LANES):
+                    acc[i] = zero
+                for n in range(n_state):
+                    bn, cn = Bt[b, t, n], Ct[b, t, n]
+                    for i in range(LANES):
+                        hn = scan_exp2(sr[i] * a[n, i]) * h[n, i] + vr[i] * bn
+                        h[n, i] = hn
+                        acc[i] += hn * cn
+                yr = ys[b, t, d0:d0 + LANES]
+                for i in range(LANES):
+                    yr[i] = acc[i]
+            for n in range(n_state):
+                for i in range(w):
+                    state[b, n, d0 + i] = h[n, i]
+        out = np.empty((nb, length, nc), dtype=np.float32)
+        for row in prange(nb * length):
+            b, t = row // length, row % length
+            yr, ur, zr, orow = ys[b, t], u[b, t], z[b, t], out[b, t]
+            for c in range(nc):
+                g = zr[c]
+                orow[c] = (yr[c] + D[c] * ur[c]) * g / (np.float32(1.0) + scan_exp(-g))
+        return out
+
+    return scan
+
+
+_SCAN = {16: _make_scan(16), 0: _make_scan(0)}
+
+
+def scan_tokens(u, dt_low, w_dt, a2, Bt, Ct, D, z, bias, state):
+    """out[b, t, d] of Mamba's gated scan with delta = dt_low @ w_dt (its dt_proj, the bias added in the
+    softplus); ``state`` (B, N, C) is read as the state before the piece and overwritten with the state after it.
+
+    u, z: contiguous (B, T, C); dt_low: (B, T, r), w_dt: (r, C); a2: (N, C), A * log2(e); Bt, Ct: (B, T, N);
+    D, bias: (C,). dt_low, Bt and Ct may be column slices of one array (x_proj's output). N <= ``MAX_STATE``.
+    """
+    n_state = a2.shape[0]
+    if n_state > MAX_STATE:
+        raise ValueError(f"the token-major scan holds at most {MAX_STATE} states, got {n_state}")
+    return _SCAN[16 if n_state == 16 else 0](u, dt_low, w_dt, a2, Bt, Ct, D, z, bias, state)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+def conv1d_silu_tokens(x, weight, bias, history):  # pragma: no cover - compiled
+    """SiLU(causal depthwise conv1d(x) + bias) on token-major x (B, T, C); weight (C, K), bias (C,),
+    history (B, K - 1, C): the K - 1 inputs before x[:, 0] -> (B, T, C)."""
+    nb, length, nc = x.shape
+    k = weight.shape[1]
+    wt = np.ascontiguousarray(weight.T)  # (K, C): tap j's weights contiguous over channels
+    out = np.empty((nb, length, nc), dtype=np.float32)
+    rows = 256
+    blocks = (length + rows - 1) // rows
+    for item in prange(nb * blocks):
+        b = item // blocks
+        t0 = (item % blocks) * rows
+        for t in range(t0, min(t0 + rows, length)):
+            orow = out[b, t]
+            for c in range(nc):
+                orow[c] = bias[c]
+            for j in range(k):  # tap j reads x[t - (k - 1 - j)], from the history before the piece
+                src = t - (k - 1 - j)
+                xr = x[b, src] if src >= 0 else history[b, k - 1 + src]
+                wr = wt[j]
+                for c in range(nc):
+                    orow[c] += wr[c] * xr[c]
+            for c in range(nc):
+                v = orow[c]
+                orow[c] = v / (np.float32(1.0) + scan_exp(-v))
+    return out
+
+
+@njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
+def _normalise_row(src, dst, weight, bias, eps):
+    """dst = LayerNorm(src) over one token's channels (mean, then the variance of the centred values)."""
+    nc = src.shape[0]
+    inv_c = np.float32(1.0 / nc)
+    mean = np.float32(0.0)
+    for c in range(nc):
+        mean += src[c]
+    mean *= inv_c
+    var = np.float32(0.0)
+    for c in range(nc):
+        d = src[c] - mean
+        var += d * d
+    rstd = np.float32(1.0) / math.sqrt(var * inv_c + eps)
+    for c in range(nc):
+        dst[c] = (src[c] - mean) * rstd * weight[c] + bias[c]
+
+
+@njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+def layer_norm_to_tokens(x, t0, length, weight, bias, eps):  # pragma: no cover - compiled
+    """The piece x[:, :, t0:t0 + length] of channels-first tokens x (B, C, L), token-major, and its LayerNorm
+    over channels: (piece (B, T, C), normed (B, T, C))."""
+    nb, nc, _ = x.shape
+    piece = np.empty((nb, length, nc), dtype=np.float32)
+    normed = np.empty((nb, length, nc), dtype=np.float32)
+    rows = 64
+    blocks = (length + rows - 1) // rows
+    for item in prange(nb * blocks):
+        b = item // blocks
+        r0 = (item % blocks) * rows
+        r1 = min(r0 + rows, length)
+        for c in range(nc):  # transpose a (C, rows) block
+            xr = x[b, c, t0 + r0:t0 + r1]
+            for i in range(r1 - r0):
+                piece[b, r0 + i, c] = xr[i]
+        for t in range(r0, r1):
+            _normalise_row(piece[b, t], normed[b, t], weight, bias, eps)
+    return piece, normed
+
+
+@njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+def skip_layer_norm(y, x, scale, weight, bias, eps):  # pragma: no cover - compiled
+    """LayerNorm(y + scale * x) over the channels of token-major (B, T, C) arrays -> (B, T, C)."""
+    nb, length, nc = y.shape
+    out = np.empty((nb, length, nc), dtype=np.float32)
+    for row in prange(nb * length):
+        b, t = row // length, row % length
+        yr, xr, orow = y[b, t], x[b, t], out[b, t]
+        for c in range(nc):
+            orow[c] = yr[c] + scale * xr[c]
+        _normalise_row(orow, orow, weight, bias, eps)
+    return out
