@@ -138,6 +138,44 @@ def test_mamba_and_lightm_unet_fast_path_equals_torch_path(monkeypatch) -> None:
     torch.testing.assert_close(fast_net, ref_net, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 5, 6, 7), (2, 4, 1, 1, 9), (1, 2, 9, 1, 1), (1, 5, 3, 4, 2)])
+def test_depthwise_conv3d_kernel_equals_torch(shape) -> None:
+    """Zero padding at every border, sizes of one along an axis, batch 2."""
+    g = torch.Generator().manual_seed(sum(shape))
+    conv = nn.Conv3d(shape[1], shape[1], 3, padding=1, groups=shape[1], bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+    x = torch.randn(*shape, generator=g)
+    with torch.inference_mode():
+        got = torch.from_numpy(kernels.depthwise_conv3d_3(x.numpy(), conv.weight[:, 0].contiguous().numpy()))
+        torch.testing.assert_close(got, conv(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_ch,out_ch,k,groups,bias,dims", [(6, 6, 1, 6, True, 3), (1, 5, 1, 1, False, 3),
+                                                            (4, 4, 1, 4, False, 2), (3, 3, 3, 3, False, 3),
+                                                            (4, 6, 1, 1, True, 3)])
+def test_conv_only_fast_paths_equal_torch(monkeypatch, in_ch, out_ch, k, groups, bias, dims) -> None:
+    """ConvOnly in CPU inference: per-channel 1x1 convolutions as a multiply-add, large depthwise 3x3x3 ones with
+    numba (threshold lowered so a small map takes it); the rest, training and MEDMAMBA_CPU_LAYERS=0 use the conv."""
+    monkeypatch.setattr(lightm_unet, "DEPTHWISE_NUMBA_MIN_VOXELS", 16)
+    torch.manual_seed(in_ch + out_ch + k)
+    m = lightm_unet.ConvOnly(dims, in_ch, out_ch, k, groups=groups, bias=bias)
+    x = torch.randn((2, in_ch) + (5, 4, 6)[:dims])
+    calls = []
+    real_conv, real_dw = m.conv.forward, kernels.depthwise_conv3d_3
+    monkeypatch.setattr(m.conv, "forward", lambda t: calls.append("conv") or real_conv(t))
+    monkeypatch.setattr(kernels, "depthwise_conv3d_3", lambda *a: calls.append("numba") or real_dw(*a))
+    with torch.inference_mode():
+        fast = m(x)
+        expected = {(6, 6): [], (1, 5): [], (4, 4): [], (3, 3): ["numba"], (4, 6): ["conv"]}[(in_ch, out_ch)]
+        assert calls == expected
+        ref = real_conv(x)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    m(x).sum().backward()  # training: the convolution itself
+    assert calls == ["conv"]
+
+
 def _reference_scan(u, dt_low, w_dt, A, Bt, Ct, D, z, bias):
     """selective_scan_ref in float64 on token-major inputs (delta = dt_low @ w_dt): (out (B, T, C), state (B, N, C))."""
     f = lambda a: torch.from_numpy(np.ascontiguousarray(a)).double()  # noqa: E731

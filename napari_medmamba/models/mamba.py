@@ -19,7 +19,8 @@ import torch.nn as nn
 from .. import ssm as _ssm
 
 __all__ = ["CPU_LAYERS_ENV", "Mamba", "PieceCarry", "causal_conv1d_silu", "channels_first_layer_norm",
-           "channels_first_linear", "cpu_inference", "cpu_streaming", "dt_bias_init", "scan_override", "selective_scan"]
+           "channels_first_linear", "cpu_inference", "cpu_layer_kernels", "cpu_streaming", "dt_bias_init",
+           "scan_override", "selective_scan"]
 
 CPU_LAYERS_ENV = "MEDMAMBA_CPU_LAYERS"
 """Set to 0 to run CPU inference through PyTorch's ops instead of the fused numba kernels (e.g. to compare)."""
@@ -190,7 +191,7 @@ def _channel_mix(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     Explicit mm / bmm: ``torch.matmul`` would return a transposed view here, which the next op then copies.
     """
     if x.shape[1] <= _NARROW_MAX:
-        kernels = _cpu_layers(x, weight)
+        kernels = cpu_layer_kernels(x, weight)
         if kernels is not None:  # CPU float32 inference: a narrow input (dt_proj) is faster as one numba pass
             return torch.from_numpy(kernels.channel_mix_narrow(weight.detach().numpy(), x.numpy()))
     if x.shape[0] == 1:
@@ -213,16 +214,16 @@ def cpu_inference(*tensors: torch.Tensor) -> bool:
 
 def cpu_streaming(*tensors: torch.Tensor) -> bool:
     """True when a Mamba layer may run piece by piece (:meth:`Mamba.forward_piece`): the numba layers apply
-    (:func:`_cpu_layers`), the scan dispatch picks the numba CPU backend and no :func:`scan_override` is
+    (:func:`cpu_layer_kernels`), the scan dispatch picks the numba CPU backend and no :func:`scan_override` is
     active (its calls must see whole sequences)."""
-    if _OVERRIDE or _cpu_layers(*tensors) is None:
+    if _OVERRIDE or cpu_layer_kernels(*tensors) is None:
         return False
     from ..ssm.dispatch import resolve_backend
 
     return resolve_backend(tensors[0].device) == "cpu"
 
 
-def _cpu_layers(*tensors: torch.Tensor):
+def cpu_layer_kernels(*tensors: torch.Tensor):
     """The numba kernels of ``ssm._cpu_numba_layers`` when they apply to ``tensors``: :func:`cpu_inference`,
     float32, rows contiguous, numba importable; else None (the PyTorch path)."""
     if not cpu_inference(*tensors) or any(t.dtype != torch.float32 or t.stride(-1) != 1 for t in tensors):
@@ -240,7 +241,7 @@ def causal_conv1d_silu(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     CPU float32 inference runs one fused numba pass (7x faster than PyTorch's oneDNN conv at L = 89 600);
     otherwise PyTorch's conv1d and SiLU.
     """
-    kernels = _cpu_layers(x, conv.weight)
+    kernels = cpu_layer_kernels(x, conv.weight)
     if kernels is not None and conv.bias is not None:
         return torch.from_numpy(kernels.conv1d_silu(x.numpy(), conv.weight.detach()[:, 0].contiguous().numpy(),
                                                     conv.bias.detach().numpy()))
@@ -254,7 +255,7 @@ def channels_first_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tens
     slower on a CPU), in two passes (mean, then the variance of the centred values). Computed in
     float32 at least (as LayerNorm runs under autocast); float64 stays float64.
     """
-    kernels = _cpu_layers(x, norm.weight) if norm.weight is not None and norm.bias is not None else None
+    kernels = cpu_layer_kernels(x, norm.weight) if norm.weight is not None and norm.bias is not None else None
     if kernels is not None:  # CPU float32 inference: one fused numba pass per block of tokens
         return torch.from_numpy(kernels.layer_norm_cf(x.numpy(), norm.weight.detach().numpy(),
                                                       norm.bias.detach().numpy(), float(norm.eps)))

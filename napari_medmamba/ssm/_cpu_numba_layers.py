@@ -9,6 +9,8 @@ pass that keeps a block of time steps in cache:
   pass writing the output; the BLAS matrix product took 6.4 ms at (2 -> 64, 89600), this 1.5 ms.
 * ``layer_norm_cf``: LayerNorm over the channels of channels-first tokens (``channels_first_layer_norm``):
   mean, variance of the centred values (two passes over a cached block, as the reference), scale and shift.
+* ``depthwise_conv3d_3``: LightM-UNet's depthwise 3x3x3 convolution (zero padding 1) on a (B, C, D, H, W) map,
+  plane by plane, each row a sum of 27 shifted rows; oneDNN reorders an NCDHW map before its depthwise kernel.
 
 Inputs are float32 (batch, channels, L) arrays whose rows are contiguous (a channel slice of a larger
 tensor is fine); outputs are new C-contiguous arrays. Work is split over (batch, block of time steps).
@@ -25,7 +27,7 @@ from numba import njit, prange
 # absolute, as in _cpu_numba (benchmarks load copies of these files outside the package)
 from napari_medmamba.ssm._cpu_numba import scan_exp
 
-__all__ = ["BLOCK", "channel_mix_narrow", "conv1d_silu", "layer_norm_cf"]
+__all__ = ["BLOCK", "channel_mix_narrow", "conv1d_silu", "depthwise_conv3d_3", "layer_norm_cf"]
 
 #: time steps per work item: a (64 channels x 512) float32 block is 128 KB, it stays in L2 between passes
 BLOCK = 512
@@ -123,4 +125,40 @@ def channel_mix_narrow(weight, x):
                 xk = x[b, k, t0:t0 + n]
                 for i in range(n):
                     orow[i] += wk * xk[i]
+    return out
+
+
+@njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+def depthwise_conv3d_3(x, weight):  # pragma: no cover - compiled
+    """Depthwise 3x3x3 convolution with zero padding 1, no bias: x (B, C, D, H, W), weight (C, 3, 3, 3) -> same
+    shape as x."""
+    nb, nc, nd, nh, nw = x.shape
+    out = np.empty((nb, nc, nd, nh, nw), dtype=np.float32)
+    for item in prange(nb * nc * nd):
+        b = item // (nc * nd)
+        c = (item // nd) % nc
+        z = item % nd
+        acc = np.empty(nw, dtype=np.float32)
+        for y in range(nh):
+            for i in range(nw):
+                acc[i] = np.float32(0.0)
+            for dz in range(3):
+                zz = z + dz - 1
+                if zz < 0 or zz >= nd:
+                    continue
+                for dy in range(3):
+                    yy = y + dy - 1
+                    if yy < 0 or yy >= nh:
+                        continue
+                    row = x[b, c, zz, yy]
+                    w0, w1, w2 = weight[c, dz, dy, 0], weight[c, dz, dy, 1], weight[c, dz, dy, 2]
+                    for i in range(nw):  # tap dx = 0
+                        acc[i] += w1 * row[i]
+                    for i in range(1, nw):  # dx = -1 reads the left neighbour
+                        acc[i] += w0 * row[i - 1]
+                    for i in range(nw - 1):  # dx = +1 the right one
+                        acc[i] += w2 * row[i + 1]
+            orow = out[b, c, z, y]
+            for i in range(nw):
+                orow[i] = acc[i]
     return out
