@@ -282,7 +282,8 @@ def test_mamba_layer_in_pieces_equals_torch_path(monkeypatch, channels, length, 
 
 
 def test_mamba_layer_pieces_only_in_cpu_float32_inference(monkeypatch) -> None:
-    """Training, float64, a forced scan backend and a scan override (scan_shapes) see whole sequences."""
+    """Training, float64, CPU autocast, a forced scan backend and a scan override (scan_shapes) see whole
+    sequences."""
     layer = MambaLayer(8, 8)
     x = torch.randn(1, 8, 40)
     calls = []
@@ -294,6 +295,8 @@ def test_mamba_layer_pieces_only_in_cpu_float32_inference(monkeypatch) -> None:
         layer.float()
         with scan_override(lambda *a, **k: selective_scan_ref(*a, **k)):
             layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # segment(precision="bf16") on a CPU
+            assert layer(x).shape == (1, 8, 40)
         monkeypatch.setenv("MEDMAMBA_SSM_BACKEND", "torch")
         layer(x)
         assert calls == []

@@ -212,11 +212,20 @@ def cpu_inference(*tensors: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
+def _cpu_autocast() -> bool:
+    """Whether CPU autocast is on (``torch.is_autocast_enabled("cpu")``; torch < 2.4 spells it differently)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:
+        return torch.is_autocast_cpu_enabled()
+
+
 def cpu_streaming(*tensors: torch.Tensor) -> bool:
     """True when a Mamba layer may run piece by piece (:meth:`Mamba.forward_piece`): the numba layers apply
-    (:func:`cpu_layer_kernels`), the scan dispatch picks the numba CPU backend and no :func:`scan_override` is
-    active (its calls must see whole sequences)."""
-    if _OVERRIDE or cpu_layer_kernels(*tensors) is None:
+    (:func:`cpu_layer_kernels`), no CPU autocast is active (its bf16 products would feed the float32 kernels),
+    the scan dispatch picks the numba CPU backend and no :func:`scan_override` is active (its calls must see
+    whole sequences)."""
+    if _OVERRIDE or _cpu_autocast() or cpu_layer_kernels(*tensors) is None:
         return False
     from ..ssm.dispatch import resolve_backend
 
