@@ -121,6 +121,17 @@ def scan_tokens(u, dt_low, w_dt, a2, Bt, Ct, D, z, bias, state):
     return _SCAN[16 if n_state == 16 else 0](u, dt_low, w_dt, a2, Bt, Ct, D, z, bias, state)
 
 
+_ROWS = 64
+"""Tokens per work item of the row-wise kernels below."""
+
+
+@njit(inline="always")
+def _row_block(item, blocks, length):
+    """(batch, first token, end token) of work item ``item`` when each piece is cut into ``blocks`` blocks."""
+    r0 = (item % blocks) * _ROWS
+    return item // blocks, r0, min(r0 + _ROWS, length)
+
+
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 def conv1d_silu_tokens(x, weight, bias, history):  # pragma: no cover - compiled
     """SiLU(causal depthwise conv1d(x) + bias) on token-major x (B, T, C); weight (C, K), bias (C,),
@@ -129,12 +140,10 @@ def conv1d_silu_tokens(x, weight, bias, history):  # pragma: no cover - compiled
     k = weight.shape[1]
     wt = np.ascontiguousarray(weight.T)  # (K, C): tap j's weights contiguous over channels
     out = np.empty((nb, length, nc), dtype=np.float32)
-    rows = 256
-    blocks = (length + rows - 1) // rows
+    blocks = (length + _ROWS - 1) // _ROWS
     for item in prange(nb * blocks):
-        b = item // blocks
-        t0 = (item % blocks) * rows
-        for t in range(t0, min(t0 + rows, length)):
+        b, r0, r1 = _row_block(item, blocks, length)
+        for t in range(r0, r1):
             orow = out[b, t]
             for c in range(nc):
                 orow[c] = bias[c]
@@ -175,12 +184,9 @@ def layer_norm_to_tokens(x, t0, length, weight, bias, eps):  # pragma: no cover 
     nb, nc, _ = x.shape
     piece = np.empty((nb, length, nc), dtype=np.float32)
     normed = np.empty((nb, length, nc), dtype=np.float32)
-    rows = 64
-    blocks = (length + rows - 1) // rows
+    blocks = (length + _ROWS - 1) // _ROWS
     for item in prange(nb * blocks):
-        b = item // blocks
-        r0 = (item % blocks) * rows
-        r1 = min(r0 + rows, length)
+        b, r0, r1 = _row_block(item, blocks, length)
         for c in range(nc):  # transpose a (C, rows) block
             xr = x[b, c, t0 + r0:t0 + r1]
             for i in range(r1 - r0):
