@@ -187,7 +187,8 @@ def _reference_scan(u, dt_low, w_dt, A, Bt, Ct, D, z, bias):
 
 
 @pytest.mark.parametrize("batch,length,channels,n_state,rank",
-                         [(1, 300, 64, 16, 2), (2, 77, 40, 16, 3), (1, 50, 8, 4, 1), (1, 129, 24, 16, 8), (2, 5, 16, 7, 2)])
+                         [(1, 300, 64, 16, 2), (2, 77, 40, 16, 3), (1, 50, 8, 4, 1), (1, 129, 24, 16, 8),
+                          (2, 5, 16, 7, 2)])
 def test_token_major_scan_equals_reference_and_continues_across_pieces(batch, length, channels, n_state, rank) -> None:
     """Channel counts that are not a multiple of the 16 lanes, the generic state size (N != 16), B and C read as
     column slices of x_proj's output, and a sequence cut into pieces that carry the state."""

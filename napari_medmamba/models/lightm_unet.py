@@ -81,7 +81,8 @@ class ConvOnly(nn.Module):
                 and x[0, 0].numel() >= DEPTHWISE_NUMBA_MIN_VOXELS and x.is_contiguous()):
             kernels = cpu_layer_kernels(x, conv.weight)
             if kernels is not None:
-                return torch.from_numpy(kernels.depthwise_conv3d_3(x.numpy(), conv.weight.detach()[:, 0].contiguous().numpy()))
+                weight = conv.weight.detach()[:, 0].contiguous().numpy()
+                return torch.from_numpy(kernels.depthwise_conv3d_3(x.numpy(), weight))
         return conv(x)
 
 
@@ -128,7 +129,8 @@ class MambaLayer(nn.Module):
         b, c = x.shape[:2]
         dims = x.shape[2:]
         flat = x.reshape(b, c, -1)  # channels-first tokens (B, C, L): a view, no transposed copies
-        if PIECE_TOKENS > 0 and self.mamba.conv1d.bias is not None and cpu_streaming(flat, self.norm.weight):
+        if (PIECE_TOKENS > 0 and self.mamba.conv1d.bias is not None and self.norm.weight is not None
+                and self.norm.bias is not None and cpu_streaming(flat, self.norm.weight)):
             return self._forward_pieces(flat).reshape(b, self.output_dim, *dims)
         y = self.mamba.forward_channels_first(channels_first_layer_norm(self.norm, flat)) + self.skip_scale * flat
         y = channels_first_linear(self.proj, channels_first_layer_norm(self.norm, y))

@@ -136,8 +136,9 @@ class Mamba(nn.Module):
         """What :meth:`forward_piece` carries from one piece of a sequence to the next, at the sequence's start."""
         p = self.A_log
         a2 = (-torch.exp(p.detach().float()) * _LOG2E).t().contiguous()
-        return PieceCarry(p.new_zeros(batch, self.d_conv - 1, self.d_inner), p.new_zeros(batch, self.d_state, self.d_inner),
-                          a2, self.dt_proj.weight.detach().float().t().contiguous())
+        history = p.new_zeros(batch, self.d_conv - 1, self.d_inner)
+        state = p.new_zeros(batch, self.d_state, self.d_inner)
+        return PieceCarry(history, state, a2, self.dt_proj.weight.detach().float().t().contiguous())
 
     def forward_piece(self, x: torch.Tensor, carry: "PieceCarry") -> torch.Tensor:
         """The block on one token-major piece (B, T, d_model) of a longer sequence, continuing from ``carry``
