@@ -236,6 +236,28 @@ class _LeftRightNet(nn.Module):
         return torch.cat([torch.full_like(ramp, -8.0), -ramp, ramp], dim=1)
 
 
+def test_cpu_mirroring_runs_tiles_and_mirror_images_as_one_batch(monkeypatch) -> None:
+    """On a CPU the tiles and their mirror images go through the network together (when the batch stays under
+    CPU_BATCH_VOXELS), with the same probabilities as one forward per mirror axis."""
+    from napari_medmamba.inference import engine
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 3, 3, padding=1)).eval()
+    batches = []
+    net.register_forward_pre_hook(lambda m, i: batches.append(i[0].shape[0]))
+    volume = Volume(np.random.default_rng(1).normal(size=(8, 8, 16)).astype(np.float32),
+                    Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+    model = (net, contract(classes=3, patch=(8, 8, 16), orientation=None, mirror_axes=(0, 2)))
+    together = segment(volume, model, device="cpu", mirror=True)
+    assert batches == [3]  # the tile and its two mirror images
+    batches.clear()
+    monkeypatch.setattr(engine, "CPU_BATCH_VOXELS", 0)
+    apart = segment(volume, model, device="cpu", mirror=True)
+    assert batches == [1, 1, 1]
+    np.testing.assert_allclose(together.probabilities, apart.probabilities, atol=1e-3)
+    np.testing.assert_array_equal(together.labels.array, apart.labels.array)
+
+
 def test_mirroring_averages_mirror_images_and_swaps_left_right_pairs_back() -> None:
     volume = Volume(np.random.default_rng(0).normal(size=(8, 8, 16)).astype(np.float32), Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
     kw = dict(classes=3, patch=(8, 8, 16), orientation=None, mirror_axes=(2,))
