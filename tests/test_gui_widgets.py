@@ -230,9 +230,10 @@ def test_responsive_and_cancel(make_napari_viewer, qtbot, dicom_series: Path) ->
     seg = SegmentWidget(viewer)
     viewer.window.add_dock_widget(seg)
     n_layers = len(viewer.layers)
-    # napari compiles its label-colour lookup once per process; the widget does it in the
-    # background when it opens (a user picks a scan and a model meanwhile)
+    # napari compiles its label-colour lookup once per process, and numba our CPU kernels once per install; the
+    # widget does both in the background when it opens (a user picks a scan and a model meanwhile)
     assert seg.colormap_ready.wait(60)
+    assert seg.cpu_kernels_ready.wait(120)
 
     # a slow model runs to the end while the event loop keeps ticking every 10 ms
     _segment(qtbot, seg, SLOW, timeout=60_000)

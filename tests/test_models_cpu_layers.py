@@ -306,6 +306,26 @@ def test_mamba_layer_pieces_only_in_cpu_float32_inference(monkeypatch) -> None:
     assert calls == [1]
 
 
+def test_warm_cpu_kernels_compiles_what_inference_uses(monkeypatch) -> None:
+    """After the warm-up a LightM-UNet forward on the CPU compiles nothing more (numba's dispatchers gain no
+    signature), and with the fast paths off it does nothing."""
+    def signatures() -> dict[str, int]:
+        found = {name: len(getattr(tokens, name).signatures)
+                 for name in ("conv1d_silu_tokens", "layer_norm_to_tokens", "skip_layer_norm")}
+        return found | {"scan": len(tokens._SCAN[16].signatures), "depthwise": len(kernels.depthwise_conv3d_3.signatures)}
+
+    assert lightm_unet.warm_cpu_kernels()
+    compiled = signatures()
+    assert all(n >= 1 for n in compiled.values()), compiled
+    monkeypatch.setattr(lightm_unet, "DEPTHWISE_NUMBA_MIN_VOXELS", 16)  # the real model's large maps
+    net = LightMUNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3).eval()
+    with torch.inference_mode():
+        net(torch.randn(1, 1, 24, 16, 8))
+    assert signatures() == compiled
+    _torch_path(monkeypatch)
+    assert not lightm_unet.warm_cpu_kernels()
+
+
 class _FakeLibc:
     def __init__(self) -> None:
         self.calls: list[tuple] = []

@@ -20,7 +20,7 @@ from .mamba import (Mamba, channels_first_layer_norm, channels_first_linear, cpu
                     cpu_streaming)
 from .group_norm import WideGroupNorm
 
-__all__ = ["LightMUNet", "MambaLayer", "MaxPool", "ResMambaBlock", "ResUpBlock"]
+__all__ = ["LightMUNet", "MambaLayer", "MaxPool", "ResMambaBlock", "ResUpBlock", "warm_cpu_kernels"]
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
@@ -323,3 +323,22 @@ class LightMUNet(nn.Module):
         for i, (up, layer) in enumerate(zip(self.up_samples, self.up_layers)):
             x = layer(up(x) + skips[i + 1])
         return self.conv_final(x) if self.use_conv_final else x
+
+
+def warm_cpu_kernels() -> bool:
+    """Compile, or load from numba's on-disk cache, the numba kernels of LightM-UNet's CPU inference: a forward
+    pass of a small 3D LightM-UNet and one depthwise convolution on a tiny map.
+
+    On the first CPU run after installing they compile in about 10 s on 2 cores (1 s to load later); a GUI calls
+    this in a background thread when it opens, so a user's first segmentation does not wait for it. Returns False
+    (and changes nothing) where the fast paths do not apply (numba missing, ``MEDMAMBA_CPU_LAYERS=0``).
+    """
+    x = torch.zeros(1, 1, 16, 16, 16)
+    with torch.inference_mode():
+        net = LightMUNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2).eval()
+        kernels = cpu_layer_kernels(x, net.convInit[0].conv.weight)
+        if kernels is None:
+            return False
+        net(x)
+        kernels.depthwise_conv3d_3(torch.zeros(1, 1, 2, 2, 2).numpy(), torch.zeros(1, 3, 3, 3).numpy())
+    return True

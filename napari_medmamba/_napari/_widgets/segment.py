@@ -39,8 +39,10 @@ from ...inference import (
     recommended_postprocess,
     segment,
 )
+from ...inference.planner import choose_device
 from ...io import Volume
 from ...models import default_model_name, get_model_spec, list_models
+from ...models.lightm_unet import warm_cpu_kernels
 from .._layers import METADATA_KEY, geometry_kwargs, labels_layer_data, volume_metadata
 from ._common import (
     BackgroundRunMixin,
@@ -151,6 +153,7 @@ class SegmentWidget(BackgroundRunMixin, QWidget):
         """Seconds the UI thread spent adding the result layers (napari/vispy layer creation)."""
         self.cancel_latency_s: float | None = None
         self.colormap_ready = warm_label_colormap()
+        self.cpu_kernels_ready = warm_cpu_kernels_in_background()
         self._bridge = ProgressBridge()
         self._bridge.progress.connect(self._on_progress)
 
@@ -460,6 +463,36 @@ def warm_label_colormap() -> threading.Event:
 
     threading.Thread(target=warm, name="medmamba-colormap-warmup", daemon=True).start()
     return COLORMAP_READY
+
+
+CPU_KERNELS_READY = threading.Event()
+"""Set once LightM-UNet's CPU inference kernels are compiled or loaded (see :func:`warm_cpu_kernels_in_background`)."""
+_cpu_warm_started = False
+
+
+def warm_cpu_kernels_in_background() -> threading.Event:
+    """Compile (first run after installing: about 10 s on 2 cores) or load the numba kernels of CPU inference in a
+    background thread, when the Segment widget opens and no CUDA GPU is present, so the first run does not wait
+    for them. Returns the event set when done (at once with a GPU)."""
+    global _cpu_warm_started
+    with _warm_lock:
+        if _cpu_warm_started:
+            return CPU_KERNELS_READY
+        _cpu_warm_started = True
+    if choose_device("auto").type != "cpu":
+        CPU_KERNELS_READY.set()
+        return CPU_KERNELS_READY
+
+    def warm() -> None:
+        try:
+            warm_cpu_kernels()
+        except Exception:  # only an optimisation; the first run would compile them itself
+            pass
+        finally:
+            CPU_KERNELS_READY.set()
+
+    threading.Thread(target=warm, name="medmamba-cpu-kernels-warmup", daemon=True).start()
+    return CPU_KERNELS_READY
 
 
 def legend_html(names: tuple[str, ...] | list[str], colors: tuple[str, ...] | list[str]) -> str:
