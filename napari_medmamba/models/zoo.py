@@ -22,8 +22,9 @@ HIPPOCAMPUS_COLORS = ("#000000", "#ff7f0e", "#1f77b4")
 _PATCH_3D = (40, 56, 40)  # (z, y, x), each divisible by 8
 _MIRROR_LR = (2,)
 """Test-time mirroring (``segment(mirror=True)``) left-right (x in RAS) for the 3D hippocampus models: +0.003
-mean Dice on the 44 validation cases (LightM-UNet 0.8786 -> 0.8818) at twice the forward time (CPU 0.52 -> 0.98 s
-per case); mirroring along y or z as well swaps anterior and posterior and costs 0.04 (docs/training.md)."""
+mean Dice on the 44 validation cases (LightM-UNet 0.8786 -> 0.8818) at 1.5-1.7x the time (2-core CPU 0.38-0.48 ->
+0.64-0.70 s per case, the tile and its mirror image as one batch); mirroring along y or z as well swaps anterior
+and posterior and costs 0.04 (docs/training.md)."""
 _MR = {"in_channels": 1, "label_names": HIPPOCAMPUS_LABELS, "label_colors": HIPPOCAMPUS_COLORS,
        "target_spacing": (1.0, 1.0, 1.0), "modality": "MR", "normalization": "zscore"}
 

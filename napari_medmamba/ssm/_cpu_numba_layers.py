@@ -36,10 +36,11 @@ _FASTMATH = {"nsz", "contract", "reassoc", "arcp", "afn"}
 
 
 @njit(inline="always")
-def _block(item, blocks, length):
-    """(batch, first time step, steps) of work item ``item`` when each sequence is cut into ``blocks`` blocks."""
-    t0 = (item % blocks) * BLOCK
-    return item // blocks, t0, min(t0 + BLOCK, length) - t0
+def _block(item, blocks, length, size):
+    """(batch, first time step, steps) of work item ``item`` when each sequence is cut into ``blocks`` blocks of
+    ``size`` steps."""
+    t0 = (item % blocks) * size
+    return item // blocks, t0, min(t0 + size, length) - t0
 
 
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
@@ -50,7 +51,7 @@ def conv1d_silu(x, weight, bias):
     out = np.empty((nb, nc, length), dtype=np.float32)
     blocks = (length + BLOCK - 1) // BLOCK
     for item in prange(nb * blocks):
-        b, t0, n = _block(item, blocks, length)
+        b, t0, n = _block(item, blocks, length, BLOCK)
         acc = np.empty(BLOCK, dtype=np.float32)
         for c in range(nc):
             xr = x[b, c]
@@ -79,7 +80,7 @@ def layer_norm_cf(x, weight, bias, eps):
     blocks = (length + BLOCK - 1) // BLOCK
     inv_c = np.float32(1.0 / nc)
     for item in prange(nb * blocks):
-        b, t0, n = _block(item, blocks, length)
+        b, t0, n = _block(item, blocks, length, BLOCK)
         mean = np.zeros(BLOCK, dtype=np.float32)
         var = np.zeros(BLOCK, dtype=np.float32)
         for c in range(nc):
@@ -113,7 +114,7 @@ def channel_mix_narrow(weight, x):
     out = np.empty((nb, no, length), dtype=np.float32)
     blocks = (length + BLOCK - 1) // BLOCK
     for item in prange(nb * blocks):
-        b, t0, n = _block(item, blocks, length)
+        b, t0, n = _block(item, blocks, length, BLOCK)
         for o in range(no):
             orow = out[b, o, t0:t0 + n]
             w0 = weight[o, 0]

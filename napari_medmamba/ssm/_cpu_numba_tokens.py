@@ -25,6 +25,7 @@ from numba import njit, prange
 
 # absolute, as in _cpu_numba (benchmarks load copies of these files outside the package)
 from napari_medmamba.ssm._cpu_numba import _stack_ptr, scan_exp, scan_exp2, scan_softplus
+from napari_medmamba.ssm._cpu_numba_layers import _block
 
 __all__ = ["LANES", "conv1d_silu_tokens", "layer_norm_to_tokens", "scan_tokens", "skip_layer_norm"]
 
@@ -125,13 +126,6 @@ _ROWS = 64
 """Tokens per work item of the row-wise kernels below."""
 
 
-@njit(inline="always")
-def _row_block(item, blocks, length):
-    """(batch, first token, end token) of work item ``item`` when each piece is cut into ``blocks`` blocks."""
-    r0 = (item % blocks) * _ROWS
-    return item // blocks, r0, min(r0 + _ROWS, length)
-
-
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 def conv1d_silu_tokens(x, weight, bias, history):  # pragma: no cover - compiled
     """SiLU(causal depthwise conv1d(x) + bias) on token-major x (B, T, C); weight (C, K), bias (C,),
@@ -142,8 +136,8 @@ def conv1d_silu_tokens(x, weight, bias, history):  # pragma: no cover - compiled
     out = np.empty((nb, length, nc), dtype=np.float32)
     blocks = (length + _ROWS - 1) // _ROWS
     for item in prange(nb * blocks):
-        b, r0, r1 = _row_block(item, blocks, length)
-        for t in range(r0, r1):
+        b, r0, n = _block(item, blocks, length, _ROWS)
+        for t in range(r0, r0 + n):
             orow = out[b, t]
             for c in range(nc):
                 orow[c] = bias[c]
@@ -186,12 +180,12 @@ def layer_norm_to_tokens(x, t0, length, weight, bias, eps):  # pragma: no cover 
     normed = np.empty((nb, length, nc), dtype=np.float32)
     blocks = (length + _ROWS - 1) // _ROWS
     for item in prange(nb * blocks):
-        b, r0, r1 = _row_block(item, blocks, length)
+        b, r0, n = _block(item, blocks, length, _ROWS)
         for c in range(nc):  # transpose a (C, rows) block
-            xr = x[b, c, t0 + r0:t0 + r1]
-            for i in range(r1 - r0):
+            xr = x[b, c, t0 + r0:t0 + r0 + n]
+            for i in range(n):
                 piece[b, r0 + i, c] = xr[i]
-        for t in range(r0, r1):
+        for t in range(r0, r0 + n):
             _normalise_row(piece[b, t], normed[b, t], weight, bias, eps)
     return piece, normed
 

@@ -12,7 +12,7 @@ import html
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from qtpy.QtCore import Qt
@@ -435,8 +435,36 @@ def _register_stored_models() -> None:
 
 COLORMAP_READY = threading.Event()
 """Set once napari's label-colour lookup is compiled (see :func:`warm_label_colormap`)."""
+CPU_KERNELS_READY = threading.Event()
+"""Set once LightM-UNet's CPU inference kernels are compiled or loaded (see :func:`warm_cpu_kernels_in_background`)."""
 _warm_lock = threading.Lock()
-_warm_started = False
+_warm_started: set[str] = set()
+
+
+def _warm_once(name: str, ready: threading.Event, work: Callable[[], object]) -> threading.Event:
+    """Run ``work`` once per process in a daemon thread named ``name``; ``ready`` is set when it ends. A failure
+    is ignored: warming up is only an optimisation (the first real use would do the same work itself)."""
+    with _warm_lock:
+        if name in _warm_started:
+            return ready
+        _warm_started.add(name)
+
+    def warm() -> None:
+        try:
+            work()
+        except Exception:
+            pass
+        finally:
+            ready.set()
+
+    threading.Thread(target=warm, name=name, daemon=True).start()
+    return ready
+
+
+def _compile_label_colormap() -> None:
+    cmap = label_colormap(("#000000", "#ff0000", "#00ff00"))
+    for dtype in (np.uint8, np.uint16):
+        cmap.map(np.zeros(4, dtype=dtype))
 
 
 def warm_label_colormap() -> threading.Event:
@@ -445,54 +473,17 @@ def warm_label_colormap() -> threading.Event:
     Started when the Segment widget opens, so neither a run nor the display of its result
     pays for it on the UI thread. Returns the event set when done.
     """
-    global _warm_started
-    with _warm_lock:
-        if _warm_started:
-            return COLORMAP_READY
-        _warm_started = True
-
-    def warm() -> None:
-        try:
-            cmap = label_colormap(("#000000", "#ff0000", "#00ff00"))
-            for dtype in (np.uint8, np.uint16):
-                cmap.map(np.zeros(4, dtype=dtype))
-        except Exception:  # only an optimisation; the UI thread would compile it itself
-            pass
-        finally:
-            COLORMAP_READY.set()
-
-    threading.Thread(target=warm, name="medmamba-colormap-warmup", daemon=True).start()
-    return COLORMAP_READY
-
-
-CPU_KERNELS_READY = threading.Event()
-"""Set once LightM-UNet's CPU inference kernels are compiled or loaded (see :func:`warm_cpu_kernels_in_background`)."""
-_cpu_warm_started = False
+    return _warm_once("medmamba-colormap-warmup", COLORMAP_READY, _compile_label_colormap)
 
 
 def warm_cpu_kernels_in_background() -> threading.Event:
     """Compile (first run after installing: about 10 s on 2 cores) or load the numba kernels of CPU inference in a
     background thread, when the Segment widget opens and no CUDA GPU is present, so the first run does not wait
     for them. Returns the event set when done (at once with a GPU)."""
-    global _cpu_warm_started
-    with _warm_lock:
-        if _cpu_warm_started:
-            return CPU_KERNELS_READY
-        _cpu_warm_started = True
     if choose_device("auto").type != "cpu":
         CPU_KERNELS_READY.set()
         return CPU_KERNELS_READY
-
-    def warm() -> None:
-        try:
-            warm_cpu_kernels()
-        except Exception:  # only an optimisation; the first run would compile them itself
-            pass
-        finally:
-            CPU_KERNELS_READY.set()
-
-    threading.Thread(target=warm, name="medmamba-cpu-kernels-warmup", daemon=True).start()
-    return CPU_KERNELS_READY
+    return _warm_once("medmamba-cpu-kernels-warmup", CPU_KERNELS_READY, warm_cpu_kernels)
 
 
 def legend_html(names: tuple[str, ...] | list[str], colors: tuple[str, ...] | list[str]) -> str:
