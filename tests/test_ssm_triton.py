@@ -34,6 +34,8 @@ CASES = {
     "G4_dpg2_N3": dict(shape=(1, 8, 45, 3), groups=4,
                        cfg=dict(T=16, chunk_tiles=1, bwd_block_d=1, bwd_split=2)),
     "auto_config_N16": dict(shape=(1, 2, 90, 16)),
+    # the forward's state-column loop unrolled (the bf16/fp16 default), N not a power of two (masked columns)
+    "unrolled_N3_G2": dict(shape=(1, 4, 50, 3), groups=2, cfg=dict(T=16, chunk_tiles=2, unroll_n=True)),
     "bf16_chunks": dict(shape=(2, 4, 50, 4), dtype="bfloat16", cfg=dict(T=16, chunk_tiles=1)),
     "fp16_ragged": dict(shape=(1, 4, 37, 4), dtype="float16", z=False,
                         cfg=dict(T=16, chunk_tiles=2)),
@@ -155,6 +157,20 @@ def test_unavailable_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.zeros(1, 1, 1)
     with pytest.raises(ImportError, match="pip install triton"):
         st.selective_scan_triton(x, x, torch.zeros(1, 1), x, x)
+
+
+def test_launch_config_depends_on_the_input_precision() -> None:
+    from napari_medmamba.ssm.triton.launch import choose_config
+
+    cpu = torch.device("cpu")
+    fp32 = choose_config(2, 64, 32768, 16, 1, cpu)
+    half = choose_config(2, 64, 32768, 16, 1, cpu, half=True)
+    assert (fp32.unroll_n, fp32.num_warps) == (False, 2)
+    assert (half.unroll_n, half.num_warps) == (True, 1)
+    assert fp32.bwd_num_warps == half.bwd_num_warps == 1
+    # explicit overrides win, False included
+    forced = choose_config(2, 64, 32768, 16, 1, cpu, half=True, unroll_n=False, num_warps=4)
+    assert (forced.unroll_n, forced.num_warps) == (False, 4)
 
 
 # ---------------------------------------------------------------- CUDA, full shapes

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .backward import _bwd_tile_adjoint_kernel, _bwd_tile_grad_kernel
-from .forward import LOG2E, _chunk_combine_kernel, _chunk_state_kernel, _scan_out_kernel
+from .forward import _chunk_combine_kernel, _chunk_state_kernel, _scan_out_kernel
 from .launch import ScanConfig, choose_config, next_pow2
 
 
@@ -23,14 +23,14 @@ def _bc_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _combine(x: torch.Tensor, dsum: torch.Tensor, A2: torch.Tensor, dim: int, n_state: int,
+def _combine(x: torch.Tensor, dsum: torch.Tensor, Af: torch.Tensor, dim: int, n_state: int,
              reverse: bool, cfg: ScanConfig) -> torch.Tensor:
     n_lanes = x.shape[0] * x.shape[1] * x.shape[2]
     n_chunks = x.shape[-1]
     out = torch.empty_like(x)
     cb = min(cfg.combine_cb, max(2, next_pow2(n_chunks)))
     grid = (triton_cdiv(n_lanes, cfg.combine_lanes),)
-    _chunk_combine_kernel[grid](x, dsum, A2, out, n_lanes, dim, n_state, n_chunks,
+    _chunk_combine_kernel[grid](x, dsum, Af, out, n_lanes, dim, n_state, n_chunks,
                                 REVERSE=reverse, BLOCK_LANES=cfg.combine_lanes, CB=cb,
                                 num_warps=4)
     return out
@@ -49,41 +49,43 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, save_state
     n_state = A.shape[1]
     groups = 1 if B.dim() == 3 else B.shape[1]
     if cfg is None:
-        cfg = choose_config(batch, dim, length, n_state, groups, u.device, **override)
+        cfg = choose_config(batch, dim, length, n_state, groups, u.device, half=u.element_size() < 4,
+                            **override)
     dpg = dim // groups
     T, bd = cfg.T, cfg.block_d
     bn = next_pow2(n_state)
     chunk_len = cfg.chunk_tiles * T
     n_chunks = max(1, triton_cdiv(length, chunk_len))
     n_tiles = max(1, triton_cdiv(length, T))
-    A2 = (A.float() * LOG2E).contiguous()
-    bias = delta_bias.float().contiguous() if delta_bias is not None else A2
-    Dp = D.float().contiguous() if D is not None else A2
+    Af = A.float().contiguous()  # fp32; the kernels scale it by log2(e) for exp2
+    bias = delta_bias.float().contiguous() if delta_bias is not None else Af
+    Dp = D.float().contiguous() if D is not None else Af
     zz = z if z is not None else u
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     f32 = dict(dtype=torch.float32, device=u.device)
-    send = A2
+    send = Af
     if n_chunks > 1:
         hend = torch.empty(batch, dim, n_state, n_chunks, **f32)
         dsum = torch.empty(batch, dim, n_chunks, **f32)
         _chunk_state_kernel[(n_chunks, batch * (dim // bd))](
-            u, delta, A2, B, bias, hend, dsum, dim, length, n_state, dpg, chunk_len,
+            u, delta, Af, B, bias, hend, dsum, dim, length, n_state, dpg, chunk_len,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *_bc_strides(B),
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-            BLOCK_D=bd, BLOCK_N=bn, T=T, num_warps=cfg.num_warps)
-        send = _combine(hend, dsum, A2, dim, n_state, False, cfg)
-    hs = torch.empty(batch, dim, n_state, n_tiles, **f32) if save_states else A2
-    last = torch.empty(batch, dim, n_state, **f32) if return_last else A2
+            BLOCK_D=bd, BLOCK_N=bn, T=T, UNROLL=cfg.unroll_n, num_warps=cfg.num_warps)
+        send = _combine(hend, dsum, Af, dim, n_state, False, cfg)
+    hs = torch.empty(batch, dim, n_state, n_tiles, **f32) if save_states else Af
+    last = torch.empty(batch, dim, n_state, **f32) if return_last else Af
     save_y = save_states and z is not None
-    y = torch.empty(u.shape, dtype=u.dtype, device=u.device) if save_y else A2
+    y = torch.empty(u.shape, dtype=u.dtype, device=u.device) if save_y else Af
     _scan_out_kernel[(n_chunks, batch * (dim // bd))](
-        u, delta, A2, B, C, Dp, zz, bias, send, out, hs, last, y,
+        u, delta, Af, B, C, Dp, zz, bias, send, out, hs, last, y,
         dim, length, n_state, dpg, chunk_len, n_tiles,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *_bc_strides(B),
         *_bc_strides(C), zz.stride(0), zz.stride(1), out.stride(0), out.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_CARRY=n_chunks > 1, SAVE_STATES=save_states,
-        SAVE_LAST=return_last, SAVE_Y=save_y, BLOCK_D=bd, BLOCK_N=bn, T=T, num_warps=cfg.num_warps)
+        SAVE_LAST=return_last, SAVE_Y=save_y, BLOCK_D=bd, BLOCK_N=bn, T=T, UNROLL=cfg.unroll_n,
+        num_warps=cfg.num_warps)
     saved = ((hs, y) if save_y else (hs,)) if save_states else None
     return out, (last if return_last else None), saved, cfg
 
@@ -101,9 +103,9 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool, sav
     T = cfg.T
     n_tiles = hs.shape[-1]
     dout = _contig_last(dout)
-    A2 = (A.float() * LOG2E).contiguous()
-    bias = delta_bias.float().contiguous() if delta_bias is not None else A2
-    Dp = D.float().contiguous() if D is not None else A2
+    Af = A.float().contiguous()  # fp32; the kernels scale it by log2(e) for exp2
+    bias = delta_bias.float().contiguous() if delta_bias is not None else Af
+    Dp = D.float().contiguous() if D is not None else Af
     zz = z if z is not None else u
     f32 = dict(dtype=torch.float32, device=u.device)
     bd = cfg.block_d
@@ -111,40 +113,38 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool, sav
         E = torch.empty(batch, dim, n_state, n_tiles, **f32)
         dsum = torch.empty(batch, dim, n_tiles, **f32)
         _bwd_tile_adjoint_kernel[(n_tiles, batch * (dim // bd))](
-            delta, A2, C, zz, bias, dout, E, dsum, dim, length, n_state, dpg,
+            delta, Af, C, zz, bias, dout, E, dsum, dim, length, n_state, dpg,
             delta.stride(0), delta.stride(1), *_bc_strides(C), zz.stride(0), zz.stride(1),
             dout.stride(0), dout.stride(1),
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
             BLOCK_D=bd, T=T, num_warps=cfg.num_warps)
-        R = _combine(E, dsum, A2, dim, n_state, True, cfg)
+        R = _combine(E, dsum, Af, dim, n_state, True, cfg)
     else:
-        R = A2  # never read: a single tile has no right carry
+        R = Af  # never read: a single tile has no right carry
     # contiguous (the kernel's layout), even where u / delta / z are strided views
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=delta.device)
-    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device) if z is not None else A2
+    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device) if z is not None else Af
     bdb, split = cfg.bwd_block_d, cfg.bwd_split
     sub = dpg // (bdb * split)
-    dA_p = torch.empty(batch, n_tiles, dim, n_state, **f32)
-    dD_p = torch.empty(batch, n_tiles, dim, **f32) if D is not None else A2
-    db_p = torch.empty(batch, n_tiles, dim, **f32) if delta_bias is not None else A2
-    dB_p = torch.empty(batch, split, groups, n_state, length, **f32)
-    dC_p = torch.empty(batch, split, groups, n_state, length, **f32)
+    params_p = torch.empty(batch, n_tiles, dim, n_state + 2, **f32)  # [dA | dD | d_bias] per (batch, tile)
+    bc_p = torch.empty(2, batch, split, groups, n_state, length, **f32)  # dB, dC partial rows
     _bwd_tile_grad_kernel[(n_tiles, batch * groups * split)](
-        u, delta, A2, B, C, Dp, zz, bias, dout, hs, R, y_saved[0] if y_saved else hs,  # hs: never read
-        du, ddelta, dz, dA_p, dD_p, db_p, dB_p, dC_p,
+        u, delta, Af, B, C, Dp, zz, bias, dout, hs, R, y_saved[0] if y_saved else hs,  # hs: never read
+        du, ddelta, dz, params_p, bc_p[0], bc_p[1],
         dim, length, n_state, dpg, split,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *_bc_strides(B),
         *_bc_strides(C), zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, BLOCK_D=bdb, T=T, SUB=sub, num_warps=cfg.bwd_num_warps)
-    dA = dA_p.sum((0, 1)).to(A.dtype)
-    dB = dB_p.sum(1)
-    dC = dC_p.sum(1)
-    dB = (dB[:, 0] if B.dim() == 3 else dB).to(B.dtype)
-    dC = (dC[:, 0] if C.dim() == 3 else dC).to(C.dtype)
-    dD = dD_p.sum((0, 1)).to(D.dtype) if D is not None else None
-    dbias = db_p.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
+    params = params_p.sum((0, 1)) if batch * n_tiles > 1 else params_p[0, 0]
+    dA = params[:, :n_state].to(A.dtype)
+    dD = params[:, n_state].to(D.dtype) if D is not None else None
+    dbias = params[:, n_state + 1].to(delta_bias.dtype) if delta_bias is not None else None
+    bc = bc_p.sum(2) if split > 1 else bc_p[:, :, 0]  # (2, batch, groups, N, L)
+    dB = (bc[0, :, 0] if B.dim() == 3 else bc[0]).to(B.dtype)
+    dC = bc[1] if C.dim() == 4 else (bc[1, :, 0] if groups == 1 else bc[1].sum(1))
+    dC = dC.to(C.dtype)
     return du, ddelta, dA, dB, dC, dD, (dz if z is not None else None), dbias
 
 

@@ -4,8 +4,8 @@ Imports triton at module level: import this module only after ``is_available()``
 
 Layouts (all contiguous, fp32 unless said): per-chunk tensors are (batch, dim, N, n_chunks)
 flattened as ``((b * dim + d) * N + n) * n_chunks + c``; per-chunk delta sums are
-(batch, dim, n_chunks). ``A`` is passed pre-multiplied by log2(e) so that ``exp2`` gives
-``exp(delta * A)``.
+(batch, dim, n_chunks). ``A`` is passed as fp32 and scaled by log2(e) where it is loaded, so
+that ``exp2`` gives ``exp(delta * A)``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # globals used in kernels must be constexpr
 
 
 @triton.jit
@@ -55,12 +56,39 @@ def _load_delta(delta_ptr, offs_d, t, mask_t, bias, stride_d, HAS_BIAS: tl.const
 
 
 @triton.jit
+def _chunk_state_col(h, n, A_ptr, B_base, offs_d, offs_n, N, s_Bn, t, mask_t, rem, dlu, tt):
+    """Column n of the chunk-end state: h_n <- exp(A_n tt) h_n + sum_t exp(A_n (S_end - S_t)) dlu_t B_nt."""
+    ok = (t * 0 + n) < N
+    a2n = tl.load(A_ptr + offs_d * N + n, mask=(offs_d * 0 + n) < N, other=0.0) * _LOG2E
+    Bn = tl.load(B_base + n * s_Bn + t, mask=mask_t & ok, other=0.0).to(tl.float32)
+    contrib = tl.sum(tl.exp2(a2n[:, None] * rem) * dlu * Bn[None, :], axis=1)
+    return _set_col(h, offs_n, n, tl.exp2(a2n * tt) * _col(h, offs_n, n) + contrib)
+
+
+@triton.jit
+def _scan_out_col(h, y, n, A_ptr, B_base, C_base, offs_d, offs_n, offs_t, N, s_Bn, s_Cn, t, mask_t, dl, dlu,
+                  T: tl.constexpr):
+    """State column n over one (BLOCK_D, T) tile: scan from h_n, add C_n h to y; returns (h with the tile's
+    end state in column n, y)."""
+    ok = (t * 0 + n) < N
+    a2n = tl.load(A_ptr + offs_d * N + n, mask=(offs_d * 0 + n) < N, other=0.0) * _LOG2E
+    Bn = tl.load(B_base + n * s_Bn + t, mask=mask_t & ok, other=0.0).to(tl.float32)
+    Cn = tl.load(C_base + n * s_Cn + t, mask=mask_t & ok, other=0.0).to(tl.float32)
+    a = tl.exp2(a2n[:, None] * dl)
+    P, H = tl.associative_scan((a, dlu * Bn[None, :]), axis=1, combine_fn=_combine)
+    hh = H + P * _col(h, offs_n, n)[:, None]
+    y += hh * Cn[None, :]
+    h = _set_col(h, offs_n, n, tl.sum(tl.where((offs_t == T - 1)[None, :], hh, 0.0), axis=1))
+    return h, y
+
+
+@triton.jit
 def _chunk_state_kernel(
-    u_ptr, delta_ptr, A2_ptr, B_ptr, bias_ptr, hend_ptr, dsum_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, hend_ptr, dsum_ptr,
     dim, L, N, dpg, chunk_len,
     s_ub, s_ud, s_db, s_dd, s_Bb, s_Bg, s_Bn,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Pass 1: state at the end of each chunk starting from zero, and the chunk's delta sum.
 
@@ -98,11 +126,12 @@ def _chunk_state_kernel(
         dlu = dl * uu
         tt = tl.sum(dl, axis=1)
         rem = tt[:, None] - tl.cumsum(dl, axis=1)
-        for n in range(0, N):
-            a2n = tl.load(A2_ptr + offs_d * N + n)
-            Bn = tl.load(B_base + n * s_Bn + t, mask=mask_t, other=0.0).to(tl.float32)
-            contrib = tl.sum(tl.exp2(a2n[:, None] * rem) * dlu * Bn[None, :], axis=1)
-            h = _set_col(h, offs_n, n, tl.exp2(a2n * tt) * _col(h, offs_n, n) + contrib)
+        if UNROLL:
+            for n in tl.static_range(BLOCK_N):
+                h = _chunk_state_col(h, n, A_ptr, B_base, offs_d, offs_n, N, s_Bn, t, mask_t, rem, dlu, tt)
+        else:
+            for n in range(0, N):
+                h = _chunk_state_col(h, n, A_ptr, B_base, offs_d, offs_n, N, s_Bn, t, mask_t, rem, dlu, tt)
         tot += tt
     lane = (b * dim + offs_d)[:, None] * N + offs_n[None, :]
     tl.store(hend_ptr + lane * n_chunks + pid_c, h, mask=mask_n[None, :])
@@ -111,7 +140,7 @@ def _chunk_state_kernel(
 
 @triton.jit
 def _chunk_combine_kernel(
-    x_ptr, dsum_ptr, A2_ptr, out_ptr, n_lanes, dim, N, n_chunks,
+    x_ptr, dsum_ptr, A_ptr, out_ptr, n_lanes, dim, N, n_chunks,
     REVERSE: tl.constexpr, BLOCK_LANES: tl.constexpr, CB: tl.constexpr,
 ):
     """Pass 2: inclusive scan over chunks of s_c = exp(A dsum_c) s_{c-1} + x_c per (b, d, n).
@@ -124,7 +153,7 @@ def _chunk_combine_kernel(
     bd = lanes // N
     d = bd % dim
     n = lanes % N
-    A2 = tl.load(A2_ptr + d * N + n, mask=mask_l, other=0.0)
+    A2 = tl.load(A_ptr + d * N + n, mask=mask_l, other=0.0) * _LOG2E
     idx = tl.arange(0, CB)
     carry = tl.zeros([BLOCK_LANES], dtype=tl.float32)
     for c0 in range(0, n_chunks, CB):
@@ -145,13 +174,13 @@ def _chunk_combine_kernel(
 
 @triton.jit
 def _scan_out_kernel(
-    u_ptr, delta_ptr, A2_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, send_ptr, out_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, send_ptr, out_ptr,
     hs_ptr, last_ptr, y_ptr,
     dim, L, N, dpg, chunk_len, n_tiles_total,
     s_ub, s_ud, s_db, s_dd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_zb, s_zd, s_ob, s_od,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_CARRY: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_Y: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Pass 3: scan each chunk from its carried-in state and write gated y.
 
@@ -199,16 +228,14 @@ def _scan_out_kernel(
                      other=0.0).to(tl.float32)
         dlu = dl * uu
         y = tl.zeros([BLOCK_D, T], dtype=tl.float32)
-        for n in range(0, N):
-            a2n = tl.load(A2_ptr + offs_d * N + n)
-            Bn = tl.load(B_base + n * s_Bn + t, mask=mask_t, other=0.0).to(tl.float32)
-            Cn = tl.load(C_base + n * s_Cn + t, mask=mask_t, other=0.0).to(tl.float32)
-            a = tl.exp2(a2n[:, None] * dl)
-            P, H = tl.associative_scan((a, dlu * Bn[None, :]), axis=1, combine_fn=_combine)
-            hh = H + P * _col(h, offs_n, n)[:, None]
-            y += hh * Cn[None, :]
-            h = _set_col(h, offs_n, n, tl.sum(tl.where((offs_t == T - 1)[None, :], hh, 0.0),
-                                              axis=1))
+        if UNROLL:
+            for n in tl.static_range(BLOCK_N):
+                h, y = _scan_out_col(h, y, n, A_ptr, B_base, C_base, offs_d, offs_n, offs_t, N, s_Bn, s_Cn,
+                                     t, mask_t, dl, dlu, T)
+        else:
+            for n in range(0, N):
+                h, y = _scan_out_col(h, y, n, A_ptr, B_base, C_base, offs_d, offs_n, offs_t, N, s_Bn, s_Cn,
+                                     t, mask_t, dl, dlu, T)
         if HAS_D:
             y += Dv[:, None] * uu
         if HAS_Z:
@@ -222,3 +249,4 @@ def _scan_out_kernel(
                  y.to(out_ptr.dtype.element_ty), mask=mask_t[None, :])
     if SAVE_LAST:
         tl.store(last_ptr + lane, h, mask=(mask_n & (offs_n * 0 + pid_c == n_chunks - 1))[None, :])
+

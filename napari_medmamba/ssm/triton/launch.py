@@ -33,7 +33,8 @@ class ScanConfig:
     the states the forward saves). block_d: channels per forward program; chunk_tiles: tiles
     per forward chunk (one program walks a chunk). bwd_block_d: channels per backward program
     in one sub-block; bwd_split: backward programs per
-    (batch, group, tile), each looping over its share of the sub-blocks."""
+    (batch, group, tile), each looping over its share of the sub-blocks. unroll_n: the forward
+    kernels unroll their loop over the state columns (independent scans the compiler can interleave)."""
 
     T: int = 128
     block_d: int = 4
@@ -41,9 +42,10 @@ class ScanConfig:
     num_warps: int = 2
     bwd_block_d: int = 4
     bwd_split: int = 1
-    bwd_num_warps: int = 2
+    bwd_num_warps: int = 1
     combine_lanes: int = 64
     combine_cb: int = 32
+    unroll_n: bool = False
 
 
 @lru_cache(maxsize=16)
@@ -54,10 +56,22 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose_config(batch: int, dim: int, length: int, n_state: int, groups: int,
-                  device: torch.device, **override) -> ScanConfig:
+                  device: torch.device, half: bool = False, **override) -> ScanConfig:
+    """:func:`_choose_config`, memoised per shape, device and overrides (it runs on every call)."""
+    return _choose_config(batch, dim, length, n_state, groups, device, half, tuple(sorted(override.items())))
+
+
+@lru_cache(maxsize=256)
+def _choose_config(batch: int, dim: int, length: int, n_state: int, groups: int,
+                   device: torch.device, half: bool, override_items: tuple) -> ScanConfig:
     """Shape-derived parameters: (block_d x T) tiles; enough chunks along the sequence for
     ~16 programs per SM (one chunk when the channels alone give that); backward sub-blocks of
-    ~512 channel-steps, programs split over channels while there are fewer than ~16 per SM."""
+    ~512 channel-steps, programs split over channels while there are fewer than ~16 per SM.
+
+    ``half`` (bf16/fp16 inputs): the forward runs one warp per program with its state-column loop
+    unrolled, 1.3-1.8x faster than two warps and a loop for these inputs on an H200, but slower
+    for fp32 (benchmarks/scan_sweep.py; docs/benchmarks.md, 2026-11-26 session 10)."""
+    override = dict(override_items)
     dflt = ScanConfig()
     T = override.get("T") or max(16, min(dflt.T, next_pow2(length)))
     dpg = dim // groups
@@ -75,8 +89,8 @@ def choose_config(batch: int, dim: int, length: int, n_state: int, groups: int,
         while n_tiles * batch * groups * bwd_split < target and subs % (2 * bwd_split) == 0:
             bwd_split *= 2
     cfg = ScanConfig(T=T, block_d=block_d, chunk_tiles=chunk_tiles, bwd_block_d=bwd_block_d,
-                     bwd_split=bwd_split)
+                     bwd_split=bwd_split, unroll_n=half, num_warps=1 if half else dflt.num_warps)
     done = ("T", "block_d", "chunk_tiles", "bwd_block_d", "bwd_split")
     rest = {f.name: override[f.name] for f in fields(ScanConfig)
-            if override.get(f.name) and f.name not in done}
+            if override.get(f.name) is not None and f.name not in done}
     return replace(cfg, **rest)
