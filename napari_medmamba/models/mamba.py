@@ -11,6 +11,7 @@ import math
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterator
 
 import torch
@@ -18,12 +19,14 @@ import torch.nn as nn
 
 from .. import ssm as _ssm
 
-__all__ = ["CPU_LAYERS_ENV", "Mamba", "PieceCarry", "causal_conv1d_silu", "channels_first_layer_norm",
+__all__ = ["CPU_LAYERS_ENV", "TRITON_CONV1D_ENV", "Mamba", "PieceCarry", "causal_conv1d_silu", "channels_first_layer_norm",
            "channels_first_linear", "cpu_inference", "cpu_layer_kernels", "cpu_streaming", "dt_bias_init",
            "scan_override", "selective_scan"]
 
 CPU_LAYERS_ENV = "MEDMAMBA_CPU_LAYERS"
 """Set to 0 to run CPU inference through PyTorch's ops instead of the fused numba kernels (e.g. to compare)."""
+TRITON_CONV1D_ENV = "MEDMAMBA_TRITON_CONV1D"
+"""Set to 0 to run the Mamba layers' conv1d + SiLU on CUDA through PyTorch's ops instead of the Triton kernel."""
 _NARROW_MAX = 8
 """Inputs this narrow (dt_proj's rank) go to ``_cpu_numba_layers.channel_mix_narrow`` in CPU inference (wider
 ones are faster as BLAS matrix products)."""
@@ -249,13 +252,30 @@ def causal_conv1d_silu(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """SiLU(``conv``(x)) cut to x's length: Mamba's causal depthwise conv1d (``padding = K - 1``) on (B, C, L).
 
     CPU float32 inference runs one fused numba pass (7x faster than PyTorch's oneDNN conv at L = 89 600);
-    otherwise PyTorch's conv1d and SiLU.
+    CUDA runs one fused Triton kernel forward and one backward (``ssm.triton.conv1d``) where Triton is
+    installed, unless ``TRITON_CONV1D_ENV`` is "0"; otherwise PyTorch's conv1d and SiLU.
     """
     kernels = cpu_layer_kernels(x, conv.weight)
     if kernels is not None and conv.bias is not None:
         return torch.from_numpy(kernels.conv1d_silu(x.numpy(), conv.weight.detach()[:, 0].contiguous().numpy(),
                                                     conv.bias.detach().numpy()))
+    k = conv.kernel_size[0]
+    if (x.is_cuda and conv.bias is not None and not k & (k - 1) and os.environ.get(TRITON_CONV1D_ENV) != "0"
+            and _triton_conv1d() is not None):
+        return _triton_conv1d()(x, conv.weight, conv.bias)
     return nn.functional.silu(conv(x)[..., : x.shape[-1]])
+
+
+@lru_cache(maxsize=1)
+def _triton_conv1d():
+    """``ssm.triton.conv1d.causal_conv1d_silu_triton`` when Triton can run here, else None (imported once)."""
+    from ..ssm import triton as triton_ops
+
+    if not triton_ops.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    from ..ssm.triton.conv1d import causal_conv1d_silu_triton
+
+    return causal_conv1d_silu_triton
 
 
 def channels_first_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
