@@ -19,14 +19,15 @@ import torch.nn as nn
 
 from .. import ssm as _ssm
 
-__all__ = ["CPU_LAYERS_ENV", "TRITON_CONV1D_ENV", "Mamba", "PieceCarry", "causal_conv1d_silu", "channels_first_layer_norm",
+__all__ = ["CPU_LAYERS_ENV", "TRITON_LAYERS_ENV", "Mamba", "PieceCarry", "causal_conv1d_silu", "channels_first_layer_norm",
            "channels_first_linear", "cpu_inference", "cpu_layer_kernels", "cpu_streaming", "dt_bias_init",
            "scan_override", "selective_scan"]
 
 CPU_LAYERS_ENV = "MEDMAMBA_CPU_LAYERS"
 """Set to 0 to run CPU inference through PyTorch's ops instead of the fused numba kernels (e.g. to compare)."""
-TRITON_CONV1D_ENV = "MEDMAMBA_TRITON_CONV1D"
-"""Set to 0 to run the Mamba layers' conv1d + SiLU on CUDA through PyTorch's ops instead of the Triton kernel."""
+TRITON_LAYERS_ENV = "MEDMAMBA_TRITON_LAYERS"
+"""Set to 0 to run the Mamba layers' conv1d + SiLU and LayerNorm on CUDA through PyTorch's ops instead of the
+fused Triton kernels (``ssm.triton.conv1d``, ``ssm.triton.layer_norm``), e.g. to compare."""
 _NARROW_MAX = 8
 """Inputs this narrow (dt_proj's rank) go to ``_cpu_numba_layers.channel_mix_narrow`` in CPU inference (wider
 ones are faster as BLAS matrix products)."""
@@ -253,29 +254,42 @@ def causal_conv1d_silu(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
 
     CPU float32 inference runs one fused numba pass (7x faster than PyTorch's oneDNN conv at L = 89 600);
     CUDA runs one fused Triton kernel forward and one backward (``ssm.triton.conv1d``) where Triton is
-    installed, unless ``TRITON_CONV1D_ENV`` is "0"; otherwise PyTorch's conv1d and SiLU.
+    installed, unless ``TRITON_LAYERS_ENV`` is "0"; otherwise PyTorch's conv1d and SiLU.
     """
     kernels = cpu_layer_kernels(x, conv.weight)
     if kernels is not None and conv.bias is not None:
         return torch.from_numpy(kernels.conv1d_silu(x.numpy(), conv.weight.detach()[:, 0].contiguous().numpy(),
                                                     conv.bias.detach().numpy()))
     k = conv.kernel_size[0]
-    if (x.is_cuda and conv.bias is not None and not k & (k - 1) and os.environ.get(TRITON_CONV1D_ENV) != "0"
-            and _triton_conv1d() is not None):
-        return _triton_conv1d()(x, conv.weight, conv.bias)
+    ops = _triton_layers(x) if conv.bias is not None and not k & (k - 1) else None
+    if ops is not None:
+        return ops.causal_conv1d_silu_triton(x, conv.weight, conv.bias)
     return nn.functional.silu(conv(x)[..., : x.shape[-1]])
 
 
+def _triton_layers(x: torch.Tensor):
+    """A namespace with the fused Triton layer ops (``causal_conv1d_silu_triton``,
+    ``channels_first_layer_norm_triton``) when they apply to ``x``: a CUDA tensor of at most 32 bits, Triton
+    able to run, ``TRITON_LAYERS_ENV`` not "0"; else None."""
+    if not x.is_cuda or x.dtype == torch.float64 or os.environ.get(TRITON_LAYERS_ENV) == "0":
+        return None
+    return _load_triton_layers()
+
+
 @lru_cache(maxsize=1)
-def _triton_conv1d():
-    """``ssm.triton.conv1d.causal_conv1d_silu_triton`` when Triton can run here, else None (imported once)."""
+def _load_triton_layers():
+    """The Triton layer ops (imported once), or None where Triton cannot run."""
+    from types import SimpleNamespace
+
     from ..ssm import triton as triton_ops
 
     if not triton_ops.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return None
     from ..ssm.triton.conv1d import causal_conv1d_silu_triton
+    from ..ssm.triton.layer_norm import channels_first_layer_norm_triton
 
-    return causal_conv1d_silu_triton
+    return SimpleNamespace(causal_conv1d_silu_triton=causal_conv1d_silu_triton,
+                           channels_first_layer_norm_triton=channels_first_layer_norm_triton)
 
 
 def channels_first_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -283,12 +297,17 @@ def channels_first_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tens
 
     Means over channels are matrix-vector products (a strided reduction over dim 1 is several times
     slower on a CPU), in two passes (mean, then the variance of the centred values). Computed in
-    float32 at least (as LayerNorm runs under autocast); float64 stays float64.
+    float32 at least (as LayerNorm runs under autocast); float64 stays float64. CUDA runs one Triton
+    kernel each way (``ssm.triton.layer_norm``) where Triton is installed, unless ``TRITON_LAYERS_ENV`` is "0".
     """
-    kernels = cpu_layer_kernels(x, norm.weight) if norm.weight is not None and norm.bias is not None else None
+    affine = norm.weight is not None and norm.bias is not None
+    kernels = cpu_layer_kernels(x, norm.weight) if affine else None
     if kernels is not None:  # CPU float32 inference: one fused numba pass per block of tokens
         return torch.from_numpy(kernels.layer_norm_cf(x.numpy(), norm.weight.detach().numpy(),
                                                       norm.bias.detach().numpy(), float(norm.eps)))
+    ops = _triton_layers(x) if affine else None
+    if ops is not None:
+        return ops.channels_first_layer_norm_triton(x, norm.weight, norm.bias, norm.eps)
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
     with _no_autocast(xf.device):  # matrix products in xf's dtype, not autocast's bf16
         avg = xf.new_full((1, xf.shape[1]), 1.0 / xf.shape[1])

@@ -1,8 +1,9 @@
-"""The fused causal depthwise conv1d + SiLU in Triton (``ssm.triton.conv1d``): values and all gradients.
+"""The fused Triton layer ops of the Mamba layers: causal depthwise conv1d + SiLU (``ssm.triton.conv1d``) and
+the channels-first LayerNorm (``ssm.triton.layer_norm``); values and all gradients.
 
 CPU: the kernels run through Triton's interpreter in one subprocess (as tests/test_ssm_triton.py), against
-PyTorch's conv1d + SiLU in float64. CUDA (marked ``cuda``): the Mamba layer's own call
-(``models.mamba.causal_conv1d_silu``) against PyTorch's ops, fp32 and bf16 autocast.
+PyTorch's ops in float64. CUDA (marked ``cuda``): the Mamba layer's own calls (``models.mamba``) against
+PyTorch's ops, fp32 and bf16 autocast, and the switch back to PyTorch's ops.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,6 +29,42 @@ CASES = {
     "K2_ragged_channels": (2, 5, 257, 2, True, "float64", 64),
     "bf16": (2, 8, 100, 4, True, "bfloat16", 32),
 }
+
+
+# LayerNorm: (batch, channels, L, x as a channel slice, dtype)
+LN_CASES = {
+    "ln_C32_slice_b2": (2, 32, 300, True, "float64"),
+    "ln_C6_padded": (1, 6, 37, False, "float64"),
+    "ln_C256": (1, 256, 50, False, "float64"),
+    "ln_bf16": (2, 64, 129, True, "bfloat16"),
+}
+
+
+def _ln_reference(x, w, bias, g, eps):
+    xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, bias))
+    out = torch.nn.functional.layer_norm(xr.transpose(1, 2), (xr.shape[1],), wr, br, eps).transpose(1, 2)
+    return out, torch.autograd.grad(out, [xr, wr, br], g.double())
+
+
+def _ln_worker(results: dict) -> None:
+    from napari_medmamba.ssm.triton.layer_norm import channels_first_layer_norm_triton
+
+    for i, (name, (b, c, L, view, dtype)) in enumerate(LN_CASES.items()):
+        gen = torch.Generator().manual_seed(100 + i)
+        dt = getattr(torch, dtype)
+        parent = (torch.randn(b, (2 if view else 1) * c, L, generator=gen) * 3 + 1).to(dt).requires_grad_(True)
+        x = parent[:, c:] if view else parent
+        w = (1 + 0.3 * torch.randn(c, generator=gen)).requires_grad_(True)
+        bias = (0.2 * torch.randn(c, generator=gen)).requires_grad_(True)
+        out = channels_first_layer_norm_triton(x, w, bias, 1e-5)
+        g = torch.randn(out.shape, generator=gen)
+        gp, gw, gb = torch.autograd.grad(out, [parent, w, bias], g)
+        gx = gp[:, c:] if view else gp
+        ref, (rx, rw, rb) = _ln_reference(x, w, bias, g, 1e-5)
+        results[name] = {"out": rel_rms(out, ref), "dx": rel_rms(gx, rx), "dw": rel_rms(gw, rw),
+                         "dbias": rel_rms(gb, rb), "other_channels_untouched": float((gp[:, :c] == 0).all()) if view
+                         else 1.0, "dtype_ok": float(out.dtype == torch.float32 and gx.dtype == dt
+                                                     and out.is_contiguous())}
 
 
 def _reference(x, w, bias, g):
@@ -62,6 +100,7 @@ def _interpreter_worker() -> None:
         results[name] = {"out": rel_rms(out, ref), "dx": rel_rms(gx, rx), "dw": rel_rms(gw, rw),
                          "dbias": rel_rms(gb, rb), "other_channels_untouched": float((gp[:, :c] == 0).all()) if view
                          else 1.0, "dtype_ok": float(out.dtype == dt and gx.dtype == dt and out.is_contiguous())}
+    _ln_worker(results)
     print("RESULTS" + json.dumps(results))
 
 
@@ -70,10 +109,11 @@ def interpreter_results() -> dict:
     return run_interpreter_worker(__file__)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + list(LN_CASES))
 def test_interpreter_values_and_grads(interpreter_results: dict, case: str) -> None:
     errs = interpreter_results[case]
-    tol = 2e-2 if CASES[case][5] == "bfloat16" else 1e-6  # fp64 inputs are computed in fp32
+    dtype = CASES[case][5] if case in CASES else LN_CASES[case][4]
+    tol = 2e-2 if dtype == "bfloat16" else 1e-6  # fp64 inputs are computed in fp32
     assert errs["dtype_ok"] == 1.0 and errs["other_channels_untouched"] == 1.0
     for key in ("out", "dx", "dw", "dbias"):
         assert errs[key] <= tol, (key, errs[key])
@@ -105,9 +145,10 @@ def test_cpu_layers_never_take_the_triton_op() -> None:
 def test_cuda_mamba_layer_conv_matches_pytorch(autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     import napari_medmamba.models.mamba as mamba
 
-    op, calls = mamba._triton_conv1d(), []
-    assert op is not None
-    monkeypatch.setattr(mamba, "_triton_conv1d", lambda: lambda *a: calls.append(1) or op(*a))
+    ops, calls = mamba._load_triton_layers(), []
+    assert ops is not None
+    spy = SimpleNamespace(causal_conv1d_silu_triton=lambda *a: calls.append(1) or ops.causal_conv1d_silu_triton(*a))
+    monkeypatch.setattr(mamba, "_load_triton_layers", lambda: spy)
     causal_conv1d_silu = mamba.causal_conv1d_silu
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(64, 64, 4, groups=64, padding=3).cuda()
@@ -130,10 +171,37 @@ def test_cuda_mamba_layer_conv_matches_pytorch(autocast: bool, monkeypatch: pyte
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA + triton")
-def test_cuda_environment_switch_gives_pytorchs_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    from napari_medmamba.models.mamba import TRITON_CONV1D_ENV, causal_conv1d_silu
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_cuda_mamba_layer_norm_matches_pytorch(autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import napari_medmamba.models.mamba as mamba
 
-    monkeypatch.setenv(TRITON_CONV1D_ENV, "0")
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(64).cuda()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.2, 0.2)
+    parent = (torch.randn(2, 128, 262144, device="cuda") * 2 + 0.5).requires_grad_(True)
+    x = parent[:, 64:].to(torch.bfloat16) if autocast else parent[:, 64:]
+    g = torch.randn(2, 64, 262144, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = mamba.channels_first_layer_norm(norm, x)
+        monkeypatch.setenv(mamba.TRITON_LAYERS_ENV, "0")
+        ref = mamba.channels_first_layer_norm(norm, x)
+    assert out.dtype == ref.dtype == torch.float32
+    ours = torch.autograd.grad(out, [parent, norm.weight, norm.bias], g)
+    theirs = torch.autograd.grad(ref, [parent, norm.weight, norm.bias], g)
+    tol = 2e-2 if autocast else 1e-5
+    assert rel_rms(out, ref) <= tol
+    for a, b in zip(ours, theirs):
+        assert rel_rms(a, b) <= tol
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA + triton")
+def test_cuda_environment_switch_gives_pytorchs_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    from napari_medmamba.models.mamba import TRITON_LAYERS_ENV, causal_conv1d_silu
+
+    monkeypatch.setenv(TRITON_LAYERS_ENV, "0")
     conv = torch.nn.Conv1d(8, 8, 4, groups=8, padding=3).cuda()
     x = torch.randn(2, 8, 1000, device="cuda")
     assert torch.equal(causal_conv1d_silu(conv, x), torch.nn.functional.silu(conv(x)[..., :1000]))
