@@ -1,5 +1,6 @@
-"""The fused Triton layer ops of the Mamba layers: causal depthwise conv1d + SiLU (``ssm.triton.conv1d``) and
-the channels-first LayerNorm (``ssm.triton.layer_norm``); values and all gradients.
+"""The Triton layer ops of the Mamba layers: causal depthwise conv1d + SiLU (``ssm.triton.conv1d``), the
+channels-first LayerNorm (``ssm.triton.layer_norm``) and the narrow channel mix of dt_proj
+(``ssm.triton.channel_mix``); values and all gradients.
 
 CPU: the kernels run through Triton's interpreter in one subprocess (as tests/test_ssm_triton.py), against
 PyTorch's ops in float64. CUDA (marked ``cuda``): the Mamba layer's own calls (``models.mamba``) against
@@ -67,6 +68,36 @@ def _ln_worker(results: dict) -> None:
                                                      and out.is_contiguous())}
 
 
+# narrow channel mix (dt_proj): (batch, out channels, in channels, L, x as a channel slice, dtype)
+MIX_CASES = {
+    "mix_I2_slice_b2": (2, 64, 2, 700, True, "float64"),
+    "mix_I3_O6": (1, 6, 3, 100, False, "float64"),
+    "mix_I8_bf16": (2, 32, 8, 300, True, "bfloat16"),
+}
+
+
+def _mix_worker(results: dict) -> None:
+    import napari_medmamba.ssm.triton.channel_mix as mix
+
+    mix._TOKENS_PER_PROGRAM = 128  # several programs (partial sums) even for short test sequences
+    for i, (name, (b, o, n_in, L, view, dtype)) in enumerate(MIX_CASES.items()):
+        gen = torch.Generator().manual_seed(200 + i)
+        dt = getattr(torch, dtype)
+        parent = torch.randn(b, n_in + (5 if view else 0), L, generator=gen).to(dt).requires_grad_(True)
+        x = parent[:, :n_in] if view else parent
+        w = torch.randn(o, n_in, generator=gen).to(dt).requires_grad_(True)
+        out = mix.narrow_channel_mix(w, x)
+        g = torch.randn(out.shape, generator=gen).to(out.dtype)
+        gp, gw = torch.autograd.grad(out, [parent, w], g)
+        gx = gp[:, :n_in] if view else gp
+        xr, wr = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+        ref = torch.bmm(wr.expand(b, -1, -1), xr)
+        rx, rw = torch.autograd.grad(ref, [xr, wr], g.double())
+        results[name] = {"out": rel_rms(out, ref), "dx": rel_rms(gx, rx), "dw": rel_rms(gw, rw),
+                         "other_channels_untouched": float((gp[:, n_in:] == 0).all()) if view else 1.0,
+                         "dtype_ok": float(out.dtype == dt and gw.dtype == dt and gx.dtype == dt)}
+
+
 def _reference(x, w, bias, g):
     xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, bias))
     K = wr.shape[1]
@@ -101,6 +132,7 @@ def _interpreter_worker() -> None:
                          "dbias": rel_rms(gb, rb), "other_channels_untouched": float((gp[:, :c] == 0).all()) if view
                          else 1.0, "dtype_ok": float(out.dtype == dt and gx.dtype == dt and out.is_contiguous())}
     _ln_worker(results)
+    _mix_worker(results)
     print("RESULTS" + json.dumps(results))
 
 
@@ -109,14 +141,15 @@ def interpreter_results() -> dict:
     return run_interpreter_worker(__file__)
 
 
-@pytest.mark.parametrize("case", list(CASES) + list(LN_CASES))
+@pytest.mark.parametrize("case", list(CASES) + list(LN_CASES) + list(MIX_CASES))
 def test_interpreter_values_and_grads(interpreter_results: dict, case: str) -> None:
     errs = interpreter_results[case]
-    dtype = CASES[case][5] if case in CASES else LN_CASES[case][4]
-    tol = 2e-2 if dtype == "bfloat16" else 1e-6  # fp64 inputs are computed in fp32
+    dtype = CASES[case][5] if case in CASES else LN_CASES[case][4] if case in LN_CASES else MIX_CASES[case][5]
+    tol = 2e-2 if dtype == "bfloat16" else 1e-6  # fp64 inputs are computed in fp32 (the mix's weight gradient)
     assert errs["dtype_ok"] == 1.0 and errs["other_channels_untouched"] == 1.0
     for key in ("out", "dx", "dw", "dbias"):
-        assert errs[key] <= tol, (key, errs[key])
+        if key in errs:
+            assert errs[key] <= tol, (key, errs[key])
 
 
 def test_odd_kernel_size_is_refused_by_the_triton_op() -> None:
@@ -194,6 +227,35 @@ def test_cuda_mamba_layer_norm_matches_pytorch(autocast: bool, monkeypatch: pyte
     assert rel_rms(out, ref) <= tol
     for a, b in zip(ours, theirs):
         assert rel_rms(a, b) <= tol
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA + triton")
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_cuda_dt_proj_mix_matches_pytorch(autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import napari_medmamba.models.mamba as mamba
+
+    ops, calls = mamba._load_triton_layers(), []
+    spy = SimpleNamespace(narrow_channel_mix=lambda *a: calls.append(1) or ops.narrow_channel_mix(*a))
+    monkeypatch.setattr(mamba, "_load_triton_layers", lambda: spy)
+    torch.manual_seed(0)
+    w = torch.randn(64, 2, device="cuda", requires_grad=True)
+    parent = torch.randn(2, 34, 2097152, device="cuda", requires_grad=True)
+    x = parent[:, :2]  # dt: a channel slice of x_proj's output
+    g = torch.randn(2, 64, 2097152, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = mamba._channel_mix(w, x)
+        ref = torch.bmm(w.expand(2, -1, -1), x)
+    assert calls == [1] and out.dtype == ref.dtype
+    ours = torch.autograd.grad(out, [parent, w], g.to(out.dtype))
+    theirs = torch.autograd.grad(ref, [parent, w], g.to(ref.dtype))
+    assert rel_rms(out, ref) <= (2e-2 if autocast else 1e-6)
+    assert rel_rms(ours[0], theirs[0]) <= (2e-2 if autocast else 1e-6)
+    if autocast:
+        assert rel_rms(ours[1], theirs[1]) <= 2e-2
+    else:  # the weight gradient sums 4M products: judge both against float64, ours as close as cuBLAS's
+        dw64 = (g.double() @ x.detach().double().transpose(1, 2)).sum(0)
+        assert rel_rms(ours[1], dw64) <= max(rel_rms(theirs[1], dw64), 1e-5)
 
 
 @pytest.mark.cuda

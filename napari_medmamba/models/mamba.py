@@ -26,8 +26,9 @@ __all__ = ["CPU_LAYERS_ENV", "TRITON_LAYERS_ENV", "Mamba", "PieceCarry", "causal
 CPU_LAYERS_ENV = "MEDMAMBA_CPU_LAYERS"
 """Set to 0 to run CPU inference through PyTorch's ops instead of the fused numba kernels (e.g. to compare)."""
 TRITON_LAYERS_ENV = "MEDMAMBA_TRITON_LAYERS"
-"""Set to 0 to run the Mamba layers' conv1d + SiLU and LayerNorm on CUDA through PyTorch's ops instead of the
-fused Triton kernels (``ssm.triton.conv1d``, ``ssm.triton.layer_norm``), e.g. to compare."""
+"""Set to 0 to run the Mamba layers' conv1d + SiLU, LayerNorm and dt_proj weight gradient on CUDA through
+PyTorch's ops instead of the Triton kernels (``ssm.triton.conv1d``, ``layer_norm``, ``channel_mix``), e.g. to
+compare."""
 _NARROW_MAX = 8
 """Inputs this narrow (dt_proj's rank) go to ``_cpu_numba_layers.channel_mix_narrow`` in CPU inference (wider
 ones are faster as BLAS matrix products)."""
@@ -199,6 +200,9 @@ def _channel_mix(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         kernels = cpu_layer_kernels(x, weight)
         if kernels is not None:  # CPU float32 inference: a narrow input (dt_proj) is faster as one numba pass
             return torch.from_numpy(kernels.channel_mix_narrow(weight.detach().numpy(), x.numpy()))
+        ops = _triton_layers(x) if torch.is_grad_enabled() and weight.requires_grad else None
+        if ops is not None:  # CUDA training: cuBLAS's weight gradient for a rank-2..8 input is slow
+            return ops.narrow_channel_mix(weight, x)
     if x.shape[0] == 1:
         return torch.mm(weight, x[0]).unsqueeze(0)
     return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
@@ -268,9 +272,9 @@ def causal_conv1d_silu(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_layers(x: torch.Tensor):
-    """A namespace with the fused Triton layer ops (``causal_conv1d_silu_triton``,
-    ``channels_first_layer_norm_triton``) when they apply to ``x``: a CUDA tensor of at most 32 bits, Triton
-    able to run, ``TRITON_LAYERS_ENV`` not "0"; else None."""
+    """A namespace with the Triton layer ops (``causal_conv1d_silu_triton``, ``channels_first_layer_norm_triton``,
+    ``narrow_channel_mix``) when they apply to ``x``: a CUDA tensor of at most 32 bits, Triton able to run,
+    ``TRITON_LAYERS_ENV`` not "0"; else None."""
     if not x.is_cuda or x.dtype == torch.float64 or os.environ.get(TRITON_LAYERS_ENV) == "0":
         return None
     return _load_triton_layers()
@@ -285,11 +289,13 @@ def _load_triton_layers():
 
     if not triton_ops.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return None
+    from ..ssm.triton.channel_mix import narrow_channel_mix
     from ..ssm.triton.conv1d import causal_conv1d_silu_triton
     from ..ssm.triton.layer_norm import channels_first_layer_norm_triton
 
     return SimpleNamespace(causal_conv1d_silu_triton=causal_conv1d_silu_triton,
-                           channels_first_layer_norm_triton=channels_first_layer_norm_triton)
+                           channels_first_layer_norm_triton=channels_first_layer_norm_triton,
+                           narrow_channel_mix=narrow_channel_mix)
 
 
 def channels_first_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
