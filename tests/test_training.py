@@ -192,6 +192,25 @@ def test_trainer_cli_passes_the_loss_options_to_the_loss(cache, tmp_path, monkey
     assert card["architecture_config"]["features"] == [8, 16, 32, 64]  # --width: the network's first level
 
 
+def test_trainer_activation_checkpointing_levels(cache, tmp_path):
+    """``--activation-checkpointing 0`` recomputes only the full-resolution Mamba layers (the setting that met
+    issue #12's time and memory together on an H200); no value means levels 0 and 1; the card records them."""
+    import napari_medmamba.training.trainer as trainer
+
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["hippocampus_001", "hippocampus_003"], "val": ["hippocampus_006"]}))
+    common = ["--model", "lightm_unet_3d", "--cache", str(cache), "--budget-s", "1e6", "--batch-size", "2",
+              "--patch-size", "16", "16", "16", "--device", "cpu", "--split", str(split), "--width", "8"]
+    levels = {}
+    for name, extra in (("l0", ["--activation-checkpointing", "0"]), ("both", ["--activation-checkpointing"]),
+                        ("off", [])):
+        assert trainer.main(common + ["--out", str(tmp_path / name), "--max-steps", "1" if name == "l0" else "0"]
+                            + extra) == 0
+        card = json.loads((tmp_path / name / "model_card.json").read_text())
+        levels[name] = card["training"]["activation_checkpointing_levels"]
+    assert levels == {"l0": [0], "both": [0, 1], "off": []}
+
+
 def test_trainer_path_needs_no_simpleitk_or_qt():
     code = (
         "import builtins, sys\n"

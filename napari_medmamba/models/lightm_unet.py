@@ -287,8 +287,9 @@ class LightMUNet(nn.Module):
         :class:`MambaLayer`'s ``checkpointing`` ("layer" or "cheap"). Only training-mode forwards with
         grad enabled are affected; outputs, gradients and the state dict are unchanged. Returns ``self``.
 
-        Measured (H200, Triton scan, 3D 128^3 batch 2 bf16-autocast training step of the official-size net):
-        off 36.8 GiB peak / 872 ms; "layer" at levels 0, 1: 12.3 GiB / 1081 ms; "cheap": 22.2 GiB / 978 ms.
+        Measured (H200, 2026-11-26 session 10, 3D 128^3 batch 2 bf16-autocast training step of the official-size
+        net, Triton scan and layer ops): off 31.8 GiB peak / 363 ms; "layer" at level 0: 17.7 GiB / 394 ms; at
+        levels 0, 1: 12.1 GiB / 414 ms; "cheap" at levels 0, 1: 24.2 GiB / 376 ms.
         """
         if mode not in MambaLayer.CHECKPOINT_MODES:
             raise ValueError(f"mode must be one of {MambaLayer.CHECKPOINT_MODES}, not {mode!r}")
