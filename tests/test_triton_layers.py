@@ -192,12 +192,16 @@ def test_cuda_mamba_layer_conv_matches_pytorch(autocast: bool, monkeypatch: pyte
         xin = x.to(torch.bfloat16) if autocast else x
         out = causal_conv1d_silu(conv, xin)
         ref = torch.nn.functional.silu(conv(xin)[..., :262144])
-    ours = torch.autograd.grad(out, [parent, conv.weight, conv.bias], g.to(out.dtype))
-    theirs = torch.autograd.grad(ref, [parent, conv.weight, conv.bias], g.to(ref.dtype))
-    tol = 2e-2 if autocast else 1e-5
     assert out.dtype == ref.dtype
     assert calls == [1]  # the Triton op ran, once
+    _assert_close_with_grads(out, ref, [parent, conv.weight, conv.bias], g, 2e-2 if autocast else 1e-5)
+
+
+def _assert_close_with_grads(out, ref, leaves, g, tol) -> None:
+    """``out`` and ``ref`` and their gradients with respect to ``leaves`` (for upstream ``g``) agree to ``tol``."""
     assert rel_rms(out, ref) <= tol
+    ours = torch.autograd.grad(out, leaves, g.to(out.dtype))
+    theirs = torch.autograd.grad(ref, leaves, g.to(ref.dtype))
     for a, b in zip(ours, theirs):
         assert rel_rms(a, b) <= tol
 
@@ -221,12 +225,7 @@ def test_cuda_mamba_layer_norm_matches_pytorch(autocast: bool, monkeypatch: pyte
         monkeypatch.setenv(mamba.TRITON_LAYERS_ENV, "0")
         ref = mamba.channels_first_layer_norm(norm, x)
     assert out.dtype == ref.dtype == torch.float32
-    ours = torch.autograd.grad(out, [parent, norm.weight, norm.bias], g)
-    theirs = torch.autograd.grad(ref, [parent, norm.weight, norm.bias], g)
-    tol = 2e-2 if autocast else 1e-5
-    assert rel_rms(out, ref) <= tol
-    for a, b in zip(ours, theirs):
-        assert rel_rms(a, b) <= tol
+    _assert_close_with_grads(out, ref, [parent, norm.weight, norm.bias], g, 2e-2 if autocast else 1e-5)
 
 
 @pytest.mark.cuda

@@ -19,8 +19,8 @@ import torch.nn as nn
 
 from .. import ssm as _ssm
 
-__all__ = ["CPU_LAYERS_ENV", "TRITON_LAYERS_ENV", "Mamba", "PieceCarry", "causal_conv1d_silu", "channels_first_layer_norm",
-           "channels_first_linear", "cpu_inference", "cpu_layer_kernels", "cpu_streaming", "dt_bias_init",
+__all__ = ["CPU_LAYERS_ENV", "TRITON_LAYERS_ENV", "Mamba", "PieceCarry", "causal_conv1d_silu",
+           "channels_first_layer_norm", "channels_first_linear", "cpu_inference", "cpu_layer_kernels", "cpu_streaming", "dt_bias_init",
            "scan_override", "selective_scan"]
 
 CPU_LAYERS_ENV = "MEDMAMBA_CPU_LAYERS"

@@ -14,9 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .forward import _LOG2E, _combine, _load_delta
+from .forward import _LN2, _LOG2E, _combine, _load_delta
 
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -174,7 +173,7 @@ def _bwd_tile_grad_kernel(
             gB, gaA = _tile_grad_col(gB, gaA, n, A_ptr, B_base, C_base, hs_ptr, r_ptr, dp_ptr, dB_ptr, dC_ptr,
                                      offs_d, lane, part, row, N, L, s_Bn, s_Cn, t, mask_t, acc, has_right,
                                      n_tiles, pid_c, dl, dln, dlu, dy)
-        ddl = gB * uu + gaA * LN2
+        ddl = gB * uu + gaA * _LN2
         du = gB * dl + dy * Dv[:, None]
         if SOFTPLUS:
             ddl = ddl * tl.sigmoid(raw)

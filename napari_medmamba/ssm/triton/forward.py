@@ -15,6 +15,7 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # globals used in kernels must be constexpr
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

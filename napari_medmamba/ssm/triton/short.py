@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import LOG2E, _softplus
+from .forward import _LN2, _LOG2E, _softplus
 from .launch import _sm_count, next_pow2
 
 __all__ = ["SHORT_L_MAX", "ShortConfig", "choose_short_config", "short_forward", "short_backward",
@@ -43,8 +43,6 @@ SHORT_L_MAX = 384
 #: ``config=`` keys of the short path (``selective_scan_triton(..., config={...})``).
 SHORT_KEYS = ("short_block_d", "short_num_warps", "short_ck")
 
-_LOG2E = tl.constexpr(LOG2E)  # globals used in kernels must be constexpr
-_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @dataclass(frozen=True)
