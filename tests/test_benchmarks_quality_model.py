@@ -90,3 +90,14 @@ def test_cpu_forward_benchmark_compares_the_four_variants(tmp_path: Path) -> Non
     assert rows[0]["speedup"] == 1.0 and rows[0]["max_abs_diff_vs_torch"] == 0.0
     assert all(r["median_ms"] > 0 and r["max_abs_diff_vs_torch"] < 1e-3 for r in rows)
     assert "| lightm_unet_3d | 8x16x8 | pieces+heap |" in done.stdout
+
+
+def test_scan_sweep_refuses_to_run_without_a_gpu(capsys: pytest.CaptureFixture) -> None:
+    import scan_sweep as bench
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the sweep would run")
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--shapes", "1,4,64,4", "--configs", "{}", '{"unroll_n": true}'])
+    assert stop.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
