@@ -151,6 +151,33 @@ def test_depthwise_conv3d_kernel_equals_torch(shape) -> None:
         torch.testing.assert_close(got, conv(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,groups", [((1, 32, 6, 5, 7), 8), ((2, 6, 3, 1, 4), 3), ((1, 4, 9, 11), 1),
+                                          ((2, 8, 2, 2, 2), 8)])
+def test_group_norm_relu_equals_torch_and_runs_in_lightm_unet_inference(monkeypatch, shape, groups) -> None:
+    """The fused kernel against F.relu(GroupNorm) (an offset map, 2D and 3D, one channel per group), and
+    ``norm_relu``'s routing: CPU float32 inference takes it; training and MEDMAMBA_CPU_LAYERS=0 do not."""
+    g = torch.Generator().manual_seed(sum(shape))
+    norm = nn.GroupNorm(groups, shape[1])
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(shape[1], generator=g))
+        norm.bias.copy_(0.3 * torch.randn(shape[1], generator=g))
+    x = torch.randn(*shape, generator=g) * 4 + 2
+    calls = []
+    real = kernels.group_norm_relu
+    monkeypatch.setattr(kernels, "group_norm_relu", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        ref = F.relu(norm(x))
+        torch.testing.assert_close(lightm_unet.norm_relu(norm, x), ref, rtol=1e-5, atol=1e-5)
+    assert calls == [1]
+    x.requires_grad_(True)
+    lightm_unet.norm_relu(norm, x).sum().backward()  # training: the module and F.relu, with gradients
+    assert calls == [1] and x.grad is not None
+    _torch_path(monkeypatch)
+    with torch.inference_mode():
+        lightm_unet.norm_relu(norm, x.detach())
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("in_ch,out_ch,k,groups,bias,dims", [(6, 6, 1, 6, True, 3), (1, 5, 1, 1, False, 3),
                                                             (4, 4, 1, 4, False, 2), (3, 3, 3, 3, False, 3),
                                                             (4, 6, 1, 1, True, 3)])

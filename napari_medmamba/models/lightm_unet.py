@@ -182,6 +182,18 @@ def mamba_layer(spatial_dims: int, in_channels: int, out_channels: int, stride: 
     return nn.Sequential(layer, MaxPool(spatial_dims, stride))
 
 
+def norm_relu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """ReLU(``norm``(x)). CPU float32 inference of a contiguous map runs one fused numba kernel
+    (``group_norm_relu``); otherwise the module and ``F.relu``."""
+    kernels = cpu_layer_kernels(x, norm.weight) if norm.affine and x.is_contiguous() else None
+    if kernels is not None:
+        flat = x.numpy().reshape(x.shape[0], x.shape[1], -1)
+        out = kernels.group_norm_relu(flat, norm.num_groups, norm.weight.detach().numpy(),
+                                      norm.bias.detach().numpy(), float(norm.eps))
+        return torch.from_numpy(out).view(x.shape)
+    return F.relu(norm(x))
+
+
 class ResMambaBlock(nn.Module):
     """Residual vision-Mamba block: (GroupNorm, ReLU, MambaLayer) x 2 plus identity."""
 
@@ -189,13 +201,12 @@ class ResMambaBlock(nn.Module):
         super().__init__()
         self.norm1 = WideGroupNorm(num_groups, in_channels)
         self.norm2 = WideGroupNorm(num_groups, in_channels)
-        self.act = nn.ReLU()
         self.conv1 = mamba_layer(spatial_dims, in_channels, in_channels)
         self.conv2 = mamba_layer(spatial_dims, in_channels, in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv1(self.act(self.norm1(x)))
-        y = self.conv2(self.act(self.norm2(y)))
+        y = self.conv1(norm_relu(self.norm1, x))
+        y = self.conv2(norm_relu(self.norm2, y))
         return y + x
 
 
@@ -206,13 +217,12 @@ class ResUpBlock(nn.Module):
         super().__init__()
         self.norm1 = WideGroupNorm(num_groups, in_channels)
         self.norm2 = WideGroupNorm(num_groups, in_channels)
-        self.act = nn.ReLU()
         self.conv = dwconv(spatial_dims, in_channels, in_channels, kernel_size)
         self.skip_scale = nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(self.act(self.norm1(x))) + self.skip_scale * x
-        return self.act(self.norm2(y))
+        y = self.conv(norm_relu(self.norm1, x)) + self.skip_scale * x
+        return norm_relu(self.norm2, y)
 
 
 class Upsample(nn.Module):
@@ -323,7 +333,10 @@ class LightMUNet(nn.Module):
         skips.reverse()
         for i, (up, layer) in enumerate(zip(self.up_samples, self.up_layers)):
             x = layer(up(x) + skips[i + 1])
-        return self.conv_final(x) if self.use_conv_final else x
+        if not self.use_conv_final:
+            return x
+        norm, _, conv = self.conv_final  # GroupNorm, ReLU, 1x1 convolution
+        return conv(norm_relu(norm, x))
 
 
 def warm_cpu_kernels() -> bool:

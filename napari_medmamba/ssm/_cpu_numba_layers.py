@@ -11,6 +11,8 @@ pass that keeps a block of time steps in cache:
   mean, variance of the centred values (two passes over a cached block, as the reference), scale and shift.
 * ``depthwise_conv3d_3``: LightM-UNet's depthwise 3x3x3 convolution (zero padding 1) on a (B, C, D, H, W) map,
   plane by plane, each row a sum of 27 shifted rows; oneDNN reorders an NCDHW map before its depthwise kernel.
+* ``group_norm_relu``: GroupNorm then ReLU on a (B, C, voxels) map (LightM-UNet's blocks): one pass for the
+  per-channel sums, one writing the output, where PyTorch's GroupNorm and ReLU made four and a new tensor more.
 
 Inputs are float32 (batch, channels, L) arrays whose rows are contiguous (a channel slice of a larger
 tensor is fine); outputs are new C-contiguous arrays. Work is split over (batch, block of time steps).
@@ -27,7 +29,7 @@ from numba import njit, prange
 # absolute, as in _cpu_numba (benchmarks load copies of these files outside the package)
 from napari_medmamba.ssm._cpu_numba import scan_exp
 
-__all__ = ["BLOCK", "channel_mix_narrow", "conv1d_silu", "depthwise_conv3d_3", "layer_norm_cf"]
+__all__ = ["BLOCK", "channel_mix_narrow", "conv1d_silu", "depthwise_conv3d_3", "group_norm_relu", "layer_norm_cf"]
 
 #: time steps per work item: a (64 channels x 512) float32 block is 128 KB, it stays in L2 between passes
 BLOCK = 512
@@ -163,3 +165,45 @@ def depthwise_conv3d_3(x, weight):  # pragma: no cover - compiled
             for i in range(nw):
                 orow[i] = acc[i]
     return out
+
+
+@njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+def group_norm_relu(x, groups, weight, bias, eps):  # pragma: no cover - compiled
+    """ReLU(GroupNorm(x)): x (B, C, V) C-contiguous float32, ``groups`` dividing C, weight and bias (C,) -> a new
+    (B, C, V). Moments from float64 sums of each channel row (the variance as E[x^2] - E[x]^2 in float64)."""
+    nb, nc, nv = x.shape
+    per = nc // groups
+    s1 = np.zeros(nb * nc)
+    s2 = np.zeros(nb * nc)
+    for r in prange(nb * nc):
+        row = x[r // nc, r % nc]
+        a = 0.0
+        q = 0.0
+        for i in range(nv):
+            v = np.float64(row[i])
+            a += v
+            q += v * v
+        s1[r] = a
+        s2[r] = q
+    out = np.empty((nb, nc, nv), dtype=np.float32)
+    count = per * nv
+    for r in prange(nb * nc):
+        b = r // nc
+        c = r % nc
+        first = b * nc + (c // per) * per
+        a = 0.0
+        q = 0.0
+        for j in range(first, first + per):
+            a += s1[j]
+            q += s2[j]
+        mean = a / count
+        var = max(q / count - mean * mean, 0.0)
+        scale = np.float32(weight[c] / math.sqrt(var + eps))
+        shift = np.float32(bias[c] - mean * weight[c] / math.sqrt(var + eps))
+        row = x[b, c]
+        o = out[b, c]
+        for i in range(nv):
+            v = row[i] * scale + shift
+            o[i] = v if v > 0.0 else np.float32(0.0)
+    return out
+
