@@ -36,6 +36,8 @@ CASES = {
     "auto_config_N16": dict(shape=(1, 2, 90, 16)),
     # the forward's state-column loop unrolled (the bf16/fp16 default), N not a power of two (masked columns)
     "unrolled_N3_G2": dict(shape=(1, 4, 50, 3), groups=2, cfg=dict(T=16, chunk_tiles=2, unroll_n=True)),
+    # B in 2 groups, C shared by every channel: dC sums the groups' partial rows
+    "B_grouped_C_plain": dict(shape=(2, 4, 40, 4), groups=2, c_plain=True, cfg=dict(T=16, chunk_tiles=1)),
     "bf16_chunks": dict(shape=(2, 4, 50, 4), dtype="bfloat16", cfg=dict(T=16, chunk_tiles=1)),
     "fp16_ragged": dict(shape=(1, 4, 37, 4), dtype="float16", z=False,
                         cfg=dict(T=16, chunk_tiles=2)),
@@ -97,6 +99,8 @@ def _interpreter_worker() -> None:
         ins = make_inputs(case["shape"], case.get("groups"), case.get("z", True),
                           case.get("D", True), case.get("bias", True), case.get("softplus", True),
                           case.get("dtype", "float32"), seed=i)
+        if case.get("c_plain"):
+            ins["C"] = ins["C"][:, 0].contiguous()
         sp = case.get("softplus", True)
         views = ("u", "delta", "z", "B", "C") if case.get("views") else ()
         leaves = {k: channel_slice_leaf(v) if k in views else v.clone().requires_grad_(True)

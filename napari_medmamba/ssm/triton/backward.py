@@ -17,49 +17,6 @@ import triton.language as tl
 from .forward import _LN2, _LOG2E, _combine, _load_delta
 
 
-
-@triton.jit
-def _tile_adjoint_col(n, A_ptr, C_base, e_ptr, offs_d, lane, N, s_Cn, t, mask_t, S, dy, n_tiles, pid_c):
-    """Column n of the tile adjoint E = sum_t exp(A_n S_t) C_nt dy_t, stored at (lane + n, tile)."""
-    ok = (offs_d * 0 + n) < N
-    a2n = tl.load(A_ptr + offs_d * N + n, mask=ok, other=0.0) * _LOG2E
-    Cn = tl.load(C_base + n * s_Cn + t, mask=mask_t & ((t * 0 + n) < N), other=0.0).to(tl.float32)
-    E = tl.sum(tl.exp2(a2n[:, None] * S) * dy * Cn[None, :], axis=1)
-    tl.store(e_ptr + (lane + n) * n_tiles + pid_c, E, mask=ok)
-
-
-@triton.jit
-def _tile_grad_col(gB, gaA, n, A_ptr, B_base, C_base, hs_ptr, r_ptr, dp_ptr, dB_ptr, dC_ptr,
-                   offs_d, lane, part, row, N, L, s_Bn, s_Cn, t, mask_t, acc, has_right, n_tiles, pid_c,
-                   dl, dln, dlu, dy):
-    """State column n of one (BLOCK_D, T) backward tile: recompute h, reverse adjoint scan, dA partial, dB/dC
-    partial rows; returns the running (sum_n g B_n, sum_n g a h A_n)."""
-    ok = (offs_d * 0 + n) < N
-    okt = mask_t & ((t * 0 + n) < N)
-    a2n = tl.load(A_ptr + offs_d * N + n, mask=ok, other=0.0) * _LOG2E
-    Bn = tl.load(B_base + n * s_Bn + t, mask=okt, other=0.0).to(tl.float32)
-    Cn = tl.load(C_base + n * s_Cn + t, mask=okt, other=0.0).to(tl.float32)
-    h0 = tl.load(hs_ptr + (lane + n) * n_tiles + pid_c, mask=ok, other=0.0)
-    gc = tl.load(r_ptr + (lane + n) * n_tiles + pid_c + 1, mask=has_right & ok, other=0.0)
-    bb = dlu * Bn[None, :]
-    P, H = tl.associative_scan((tl.exp2(a2n[:, None] * dl), bb), axis=1, combine_fn=_combine)
-    hh = H + P * h0[:, None]
-    # reverse adjoint scan: g_t = x_t + a_{t+1} g_{t+1}; the tile's right carry is gc
-    Q, gl = tl.associative_scan((tl.exp2(a2n[:, None] * dln), dy * Cn[None, :]), axis=1,
-                                combine_fn=_combine, reverse=True)
-    gg = gl + Q * gc[:, None]
-    gB += gg * Bn[None, :]
-    ga = gg * (hh - bb)  # g_t * a_t * h_{t-1}
-    gaA += ga * a2n[:, None]
-    tl.store(dp_ptr + part * (N + 2) + n, tl.sum(ga * dl, axis=1), mask=ok)
-    # program-private partial rows, accumulated over the sub-blocks (stays in L1/L2)
-    pB = dB_ptr + (row + n) * L + t
-    pC = dC_ptr + (row + n) * L + t
-    tl.store(pB, tl.sum(gg * dlu, axis=0) + tl.load(pB, mask=acc & okt, other=0.0), mask=okt)
-    tl.store(pC, tl.sum(hh * dy, axis=0) + tl.load(pC, mask=acc & okt, other=0.0), mask=okt)
-    return gB, gaA
-
-
 @triton.jit
 def _bwd_tile_adjoint_kernel(
     delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, e_ptr, dsum_ptr,
@@ -96,7 +53,10 @@ def _bwd_tile_adjoint_kernel(
     C_base = C_ptr + b * s_Cb + g * s_Cg
     lane = (b * dim + offs_d) * N
     for n in range(0, N):
-        _tile_adjoint_col(n, A_ptr, C_base, e_ptr, offs_d, lane, N, s_Cn, t, mask_t, S, dy, n_tiles, pid_c)
+        a2n = tl.load(A_ptr + offs_d * N + n) * _LOG2E
+        Cn = tl.load(C_base + n * s_Cn + t, mask=mask_t, other=0.0).to(tl.float32)
+        E = tl.sum(tl.exp2(a2n[:, None] * S) * dy * Cn[None, :], axis=1)
+        tl.store(e_ptr + (lane + n) * n_tiles + pid_c, E)
     tl.store(dsum_ptr + (b * dim + offs_d) * n_tiles + pid_c, tl.sum(dl, axis=1))
 
 
@@ -115,9 +75,10 @@ def _bwd_tile_grad_kernel(
 
     A program covers one tile of T steps and dpg // n_split channels of one group, in SUB
     sub-blocks of BLOCK_D channels, one state column n at a time; its dB/dC partial sums over
-    channels accumulate in program-private rows of (batch, n_split, G, N, L). The dA, dD and d_bias partials of
-    each (batch, tile) share one buffer (batch, n_tiles, dim, N + 2): [dA | dD | d_bias]. With z, the ungated y comes from
-    the forward (saved by :func:`scan_forward`), so dz needs no extra scan. Grid: (n_tiles, batch * G * n_split).
+    channels accumulate in program-private rows of (batch, n_split, G, N, L). The dA, dD and d_bias partials
+    of each (batch, tile) share one buffer (batch, n_tiles, dim, N + 2): [dA | dD | d_bias]. With z, the
+    ungated y comes from the forward (saved by :func:`scan_forward`), so dz needs no extra scan.
+    Grid: (n_tiles, batch * G * n_split).
     """
     pid_c = tl.program_id(0)
     pid_x = tl.program_id(1)
@@ -170,9 +131,27 @@ def _bwd_tile_grad_kernel(
         row = ((b * n_split + s) * G + g) * N
         acc = mask_t & (offs_t * 0 + j > 0)
         for n in range(0, N):
-            gB, gaA = _tile_grad_col(gB, gaA, n, A_ptr, B_base, C_base, hs_ptr, r_ptr, dp_ptr, dB_ptr, dC_ptr,
-                                     offs_d, lane, part, row, N, L, s_Bn, s_Cn, t, mask_t, acc, has_right,
-                                     n_tiles, pid_c, dl, dln, dlu, dy)
+            a2n = tl.load(A_ptr + offs_d * N + n) * _LOG2E
+            Bn = tl.load(B_base + n * s_Bn + t, mask=mask_t, other=0.0).to(tl.float32)
+            Cn = tl.load(C_base + n * s_Cn + t, mask=mask_t, other=0.0).to(tl.float32)
+            h0 = tl.load(hs_ptr + (lane + n) * n_tiles + pid_c)
+            gc = tl.load(r_ptr + (lane + n) * n_tiles + pid_c + 1, mask=has_right, other=0.0)
+            bb = dlu * Bn[None, :]
+            P, H = tl.associative_scan((tl.exp2(a2n[:, None] * dl), bb), axis=1, combine_fn=_combine)
+            hh = H + P * h0[:, None]
+            # reverse adjoint scan: g_t = x_t + a_{t+1} g_{t+1}; the tile's right carry is gc
+            Q, gl = tl.associative_scan((tl.exp2(a2n[:, None] * dln), dy * Cn[None, :]), axis=1,
+                                        combine_fn=_combine, reverse=True)
+            gg = gl + Q * gc[:, None]
+            gB += gg * Bn[None, :]
+            ga = gg * (hh - bb)  # g_t * a_t * h_{t-1}
+            gaA += ga * a2n[:, None]
+            tl.store(dp_ptr + part * (N + 2) + n, tl.sum(ga * dl, axis=1))
+            # program-private partial rows, accumulated over the sub-blocks (stays in L1/L2)
+            pB = dB_ptr + (row + n) * L + t
+            pC = dC_ptr + (row + n) * L + t
+            tl.store(pB, tl.sum(gg * dlu, axis=0) + tl.load(pB, mask=acc, other=0.0), mask=mask_t)
+            tl.store(pC, tl.sum(hh * dy, axis=0) + tl.load(pC, mask=acc, other=0.0), mask=mask_t)
         ddl = gB * uu + gaA * _LN2
         du = gB * dl + dy * Dv[:, None]
         if SOFTPLUS:

@@ -1,4 +1,4 @@
-"""Weight gradient of a narrow channel mix, ``W (O, I) @ x (batch, I, L)`` with I <= 8, in Triton.
+"""Weight gradient of a narrow channel mix, ``W (O, I) @ x (batch, I, L)`` with few input channels, in Triton.
 
 Mamba's dt_proj mixes a rank of 2-8 channels into d_inner channels over every token. Its weight gradient
 ``sum_b G_b x_b^T`` is a (O, I) matrix reduced over batch * L (2 x 2 097 152 tokens at LightM-UNet 3D's
@@ -15,9 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["NARROW_MAX", "narrow_channel_mix"]
+__all__ = ["narrow_channel_mix"]
 
-NARROW_MAX = 8
 _TOKENS_PER_PROGRAM = 4096
 
 
@@ -88,10 +87,9 @@ class _NarrowChannelMix(torch.autograd.Function):
 
 
 def narrow_channel_mix(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``weight`` (O, I) times each (I, L) of ``x`` (batch, I, L; rows contiguous, I <= ``NARROW_MAX``): a
-    contiguous (batch, O, L), differentiable in both."""
-    if x.shape[1] > NARROW_MAX:
-        raise ValueError(f"narrow_channel_mix takes at most {NARROW_MAX} input channels, got {x.shape[1]}")
+    """``weight`` (O, I) times each (I, L) of ``x`` (batch, I, L; rows contiguous): a contiguous (batch, O, L),
+    differentiable in both. Meant for a few input channels (the weight-gradient kernel unrolls over them); the
+    caller decides how few (``models.mamba._NARROW_MAX``)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     return _NarrowChannelMix.apply(weight, x)

@@ -35,19 +35,24 @@ def _pre(x_base, w, bias, t, L, s_xc, offs_c, K: tl.constexpr, SHIFT: tl.constex
 
 
 @triton.jit
+def _block_start(w_ptr, b_ptr, C, K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """This program's (batch b, channels cc (clamped), their mask, steps t, fp32 weights (BLOCK_C, K), biases)."""
+    ncb = tl.cdiv(C, BLOCK_C)
+    b = tl.program_id(1) // ncb
+    offs_c = (tl.program_id(1) % ncb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    cc = tl.where(mask_c, offs_c, 0)
+    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    w = tl.load(w_ptr + cc[:, None] * K + tl.arange(0, K)[None, :]).to(tl.float32)
+    bias = tl.load(b_ptr + cc).to(tl.float32)
+    return b, cc, mask_c, t, w, bias
+
+
+@triton.jit
 def _conv1d_silu_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, L, s_xb, s_xc,
                             K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Grid: (cdiv(L, BLOCK_L), batch * cdiv(C, BLOCK_C)). out is contiguous (batch, C, L)."""
-    pid_l = tl.program_id(0)
-    pid_bc = tl.program_id(1)
-    ncb = tl.cdiv(C, BLOCK_C)
-    b = pid_bc // ncb
-    offs_c = (pid_bc % ncb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    cc = tl.where(mask_c, offs_c, 0)
-    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    w = tl.load(w_ptr + cc[:, None] * K + tl.arange(0, K)[None, :]).to(tl.float32)
-    bias = tl.load(b_ptr + cc).to(tl.float32)
+    b, cc, mask_c, t, w, bias = _block_start(w_ptr, b_ptr, C, K, BLOCK_C, BLOCK_L)
     pre = _pre(x_ptr + b * s_xb, w, bias, t, L, s_xc, cc, K, 0, BLOCK_C, BLOCK_L)
     y = pre * tl.sigmoid(pre)
     mask = mask_c[:, None] & (t < L)[None, :]
@@ -62,18 +67,8 @@ def _conv1d_silu_bwd_kernel(x_ptr, w_ptr, b_ptr, g_ptr, dx_ptr, dwb_ptr, C, L, s
     dpre_t = g_t silu'(pre_t); dx_t = sum_k w_k dpre_{t + K - 1 - k}; dw_k = sum_t dpre_t x_{t - (K-1) + k}.
     The pre-activations at the K steps dx needs are recomputed from x. Grid as the forward's.
     """
-    pid_l = tl.program_id(0)
-    pid_bc = tl.program_id(1)
-    n_lb = tl.num_programs(0)
-    ncb = tl.cdiv(C, BLOCK_C)
-    b = pid_bc // ncb
-    offs_c = (pid_bc % ncb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    cc = tl.where(mask_c, offs_c, 0)
+    b, cc, mask_c, t, w, bias = _block_start(w_ptr, b_ptr, C, K, BLOCK_C, BLOCK_L)
     offs_k = tl.arange(0, K)
-    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    w = tl.load(w_ptr + cc[:, None] * K + offs_k[None, :]).to(tl.float32)
-    bias = tl.load(b_ptr + cc).to(tl.float32)
     x_base = x_ptr + b * s_xb
     dx = tl.zeros([BLOCK_C, BLOCK_L], dtype=tl.float32)
     dw = tl.zeros([BLOCK_C, K], dtype=tl.float32)
@@ -97,7 +92,7 @@ def _conv1d_silu_bwd_kernel(x_ptr, w_ptr, b_ptr, g_ptr, dx_ptr, dwb_ptr, C, L, s
                 dw = tl.where(offs_k[None, :] == k, tl.sum(dpre0 * xv, axis=1)[:, None], dw)
     mask = mask_c[:, None] & (t < L)[None, :]
     tl.store(dx_ptr + (b * C + cc[:, None]) * L + t[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    part = (b * n_lb + pid_l) * C + cc
+    part = (b * tl.num_programs(0) + tl.program_id(0)) * C + cc
     tl.store(dwb_ptr + part[:, None] * (K + 1) + offs_k[None, :], dw, mask=mask_c[:, None])
     tl.store(dwb_ptr + part * (K + 1) + K, db, mask=mask_c)
 
