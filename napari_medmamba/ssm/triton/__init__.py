@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from functools import lru_cache
 
 __all__ = ["is_available", "selective_scan_triton"]
 
@@ -18,7 +19,10 @@ _MISSING = ("the Triton selective scan needs the 'triton' package: pip install t
             "(or pip install 'napari-medmamba[gpu]')")
 
 
+@lru_cache(maxsize=1)
 def _triton_installed() -> bool:
+    """Whether triton can be imported; asked once per process (``find_spec`` costs ~30 us, and this
+    runs on every scan call)."""
     return importlib.util.find_spec("triton") is not None
 
 

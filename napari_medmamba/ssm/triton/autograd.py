@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .backward import _bwd_tile_adjoint_kernel, _bwd_tile_grad_kernel
+from .fast_launch import launch
 from .forward import _chunk_combine_kernel, _chunk_state_kernel, _scan_out_kernel
 from .launch import ScanConfig, choose_config, next_pow2
 
@@ -30,9 +31,9 @@ def _combine(x: torch.Tensor, dsum: torch.Tensor, Af: torch.Tensor, dim: int, n_
     out = torch.empty_like(x)
     cb = min(cfg.combine_cb, max(2, next_pow2(n_chunks)))
     grid = (triton_cdiv(n_lanes, cfg.combine_lanes),)
-    _chunk_combine_kernel[grid](x, dsum, Af, out, n_lanes, dim, n_state, n_chunks,
-                                REVERSE=reverse, BLOCK_LANES=cfg.combine_lanes, CB=cb,
-                                num_warps=4)
+    launch(_chunk_combine_kernel, grid, x, dsum, Af, out, n_lanes, dim, n_state, n_chunks,
+           REVERSE=reverse, BLOCK_LANES=cfg.combine_lanes, CB=cb,
+           num_warps=4)
     return out
 
 
@@ -67,7 +68,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, save_state
     if n_chunks > 1:
         hend = torch.empty(batch, dim, n_state, n_chunks, **f32)
         dsum = torch.empty(batch, dim, n_chunks, **f32)
-        _chunk_state_kernel[(n_chunks, batch * (dim // bd))](
+        launch(_chunk_state_kernel, (n_chunks, batch * (dim // bd)),
             u, delta, Af, B, bias, hend, dsum, dim, length, n_state, dpg, chunk_len,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *_bc_strides(B),
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
@@ -77,7 +78,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, save_state
     last = torch.empty(batch, dim, n_state, **f32) if return_last else Af
     save_y = save_states and z is not None
     y = torch.empty(u.shape, dtype=u.dtype, device=u.device) if save_y else Af
-    _scan_out_kernel[(n_chunks, batch * (dim // bd))](
+    launch(_scan_out_kernel, (n_chunks, batch * (dim // bd)),
         u, delta, Af, B, C, Dp, zz, bias, send, out, hs, last, y,
         dim, length, n_state, dpg, chunk_len, n_tiles,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *_bc_strides(B),
@@ -112,7 +113,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool, sav
     if n_tiles > 1:
         E = torch.empty(batch, dim, n_state, n_tiles, **f32)
         dsum = torch.empty(batch, dim, n_tiles, **f32)
-        _bwd_tile_adjoint_kernel[(n_tiles, batch * (dim // bd))](
+        launch(_bwd_tile_adjoint_kernel, (n_tiles, batch * (dim // bd)),
             delta, Af, C, zz, bias, dout, E, dsum, dim, length, n_state, dpg,
             delta.stride(0), delta.stride(1), *_bc_strides(C), zz.stride(0), zz.stride(1),
             dout.stride(0), dout.stride(1),
@@ -129,7 +130,7 @@ def scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool, sav
     sub = dpg // (bdb * split)
     params_p = torch.empty(batch, n_tiles, dim, n_state + 2, **f32)  # [dA | dD | d_bias] per (batch, tile)
     bc_p = torch.empty(2, batch, split, groups, n_state, length, **f32)  # dB, dC partial rows
-    _bwd_tile_grad_kernel[(n_tiles, batch * groups * split)](
+    launch(_bwd_tile_grad_kernel, (n_tiles, batch * groups * split),
         u, delta, Af, B, C, Dp, zz, bias, dout, hs, R, y_saved[0] if y_saved else hs,  # hs: never read
         du, ddelta, dz, params_p, bc_p[0], bc_p[1],
         dim, length, n_state, dpg, split,

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fast_launch import launch
+
 __all__ = ["narrow_channel_mix"]
 
 _TOKENS_PER_PROGRAM = 4096
@@ -53,10 +55,9 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     block_l = max(16, min(256, 4096 // block_o))
     n_prog = triton.cdiv(length, _TOKENS_PER_PROGRAM)
     part = torch.empty(batch * n_prog, out_ch, in_ch, dtype=torch.float32, device=grad.device)
-    _narrow_wgrad_kernel[(n_prog, batch)](grad, x, part, out_ch, in_ch, length, grad.stride(0), grad.stride(1),
-                                          x.stride(0), x.stride(1), _TOKENS_PER_PROGRAM,
-                                          BLOCK_O=block_o, BLOCK_I=triton.next_power_of_2(in_ch), BLOCK_L=block_l,
-                                          num_warps=4)
+    launch(_narrow_wgrad_kernel, (n_prog, batch), grad, x, part, out_ch, in_ch, length,
+           grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), _TOKENS_PER_PROGRAM,
+           BLOCK_O=block_o, BLOCK_I=triton.next_power_of_2(in_ch), BLOCK_L=block_l, num_warps=4)
     return part.sum(0)
 
 

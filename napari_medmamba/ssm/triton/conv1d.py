@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fast_launch import launch
+
 __all__ = ["causal_conv1d_silu_triton"]
 
 BLOCK_L = 256
@@ -109,8 +111,8 @@ def _forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tens
     K = w.shape[1]
     block_c, n_lb, n_cb = _launch_shape(x, K)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _conv1d_silu_fwd_kernel[(n_lb, batch * n_cb)](x, w, bias, out, channels, length, x.stride(0), x.stride(1),
-                                                  K=K, BLOCK_C=block_c, BLOCK_L=BLOCK_L, num_warps=4)
+    launch(_conv1d_silu_fwd_kernel, (n_lb, batch * n_cb), x, w, bias, out, channels, length,
+           x.stride(0), x.stride(1), K=K, BLOCK_C=block_c, BLOCK_L=BLOCK_L, num_warps=4)
     return out
 
 
@@ -129,7 +131,7 @@ class _CausalConv1dSiLU(torch.autograd.Function):
         block_c, n_lb, n_cb = _launch_shape(x, K)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         dwb = torch.empty(batch * n_lb, channels, K + 1, dtype=torch.float32, device=x.device)
-        _conv1d_silu_bwd_kernel[(n_lb, batch * n_cb)](
+        launch(_conv1d_silu_bwd_kernel, (n_lb, batch * n_cb),
             x, w, bias, grad, dx, dwb, channels, length, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
             K=K, BLOCK_C=block_c, BLOCK_L=BLOCK_L, num_warps=4)
         dwb = dwb.sum(0)

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fast_launch import launch
+
 __all__ = ["channels_first_layer_norm_triton"]
 
 
@@ -85,8 +87,8 @@ class _ChannelsFirstLayerNorm(torch.autograd.Function):
         y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         stats = torch.empty(2, batch, length, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(length, block_l), batch)
-        _ln_fwd_kernel[grid](x, weight, bias, y, stats[0], stats[1], channels, length, x.stride(0), x.stride(1),
-                             float(eps), BLOCK_C=block_c, BLOCK_L=block_l, num_warps=warps)
+        launch(_ln_fwd_kernel, grid, x, weight, bias, y, stats[0], stats[1], channels, length, x.stride(0), x.stride(1),
+               float(eps), BLOCK_C=block_c, BLOCK_L=block_l, num_warps=warps)
         ctx.save_for_backward(x, weight, stats)
         return y
 
@@ -99,9 +101,9 @@ class _ChannelsFirstLayerNorm(torch.autograd.Function):
         n_lb = triton.cdiv(length, block_l)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         dwb = torch.empty(batch * n_lb, 2, channels, dtype=torch.float32, device=x.device)
-        _ln_bwd_kernel[(n_lb, batch)](x, weight, grad, stats[0], stats[1], dx, dwb, channels, length,
-                                      x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
-                                      BLOCK_C=block_c, BLOCK_L=block_l, num_warps=warps)
+        launch(_ln_bwd_kernel, (n_lb, batch), x, weight, grad, stats[0], stats[1], dx, dwb, channels, length,
+               x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
+               BLOCK_C=block_c, BLOCK_L=block_l, num_warps=warps)
         dwb = dwb.sum(0)
         return dx, dwb[0].to(weight.dtype), dwb[1].to(weight.dtype), None
 

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fast_launch import launch
 from .forward import _LN2, _LOG2E, _softplus
 from .launch import _sm_count, next_pow2
 
@@ -320,7 +321,7 @@ def short_forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, save_ck: 
     zz = z if z is not None else u
     Dp = D if D is not None else A
     bp = delta_bias if delta_bias is not None else A
-    _short_fwd_kernel[(batch * groups * nblk,)](
+    launch(_short_fwd_kernel, (batch * groups * nblk,),
         u, delta, A, B, C, Dp, zz, bp, out, ck, last,
         dim, length, n_state, dpg, nblk, cfg.ck, n_ck,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
@@ -360,7 +361,7 @@ def short_backward(dout, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
     zz = z if z is not None else u
     Dp = D if D is not None else A
     bp = delta_bias if delta_bias is not None else A
-    _short_bwd_kernel[(grid,)](
+    launch(_short_bwd_kernel, (grid,),
         u, delta, A, B, C, Dp, zz, bp, dout, ck, sc,
         du, ddelta, dz, par, dBC,
         dim, length, n_state, dpg, nblk, cfg.ck, n_ck, dBC[0].numel(),
