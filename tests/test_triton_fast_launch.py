@@ -184,13 +184,17 @@ def test_cuda_lightm_unet_step_with_cached_launches(fl, monkeypatch: pytest.Monk
         return [out.detach()] + [p.grad.detach().clone() for p in net.parameters()]
 
     monkeypatch.setenv(fl.ENV_VAR, "0")
-    want = step()
+    want, again = step(), step()
+    # PyTorch's own backward is not bit-reproducible (cuDNN and upsampling sum with atomics): the tolerance is
+    # 4x the difference between two identical steps on Triton's launch path, at least 1e-4 of the largest
+    # gradient (a wrongly specialised kernel is off by the gradients' own size)
+    noise = max(float((a - w).abs().max()) for a, w in zip(again[1:], want[1:]))
+    scale = max(float(w.abs().max()) for w in want[1:])
     monkeypatch.setenv(fl.ENV_VAR, "verify")
     for _ in range(2):
         got = step()
-        # the forward is deterministic; some backward ops of PyTorch's (upsampling, cuDNN) sum with atomics
-        assert torch.equal(got[0], want[0])
+        assert torch.equal(got[0], want[0])  # the forward is deterministic
         for g, w in zip(got[1:], want[1:]):
-            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4 * float(w.abs().max()) + 1e-12)
+            assert float((g - w).abs().max()) <= max(4 * noise, 1e-4 * scale)
     names = {k[0] for k in fl._cache}
     assert len(names) >= 5  # scan, conv1d and LayerNorm kernels, forward and backward
