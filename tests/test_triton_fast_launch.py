@@ -126,6 +126,11 @@ def test_launch_protocol_on_a_stand_in_kernel(fl, monkeypatch: pytest.MonkeyPatc
     fl.launch(fn, (5,), base[4:], 200, 9, 32, num_warps=2)  # a constexpr by position: no caching
     fl.launch(fn, (5,), base[4:], 200, 9, 64, num_warps=2)
     assert len(fn.jit_calls) == 10
+    wrapped = _FakeJit()
+    del wrapped.params  # like an autotuner around a kernel: always Triton's path
+    for _ in range(2):
+        fl.launch(wrapped, (5,), base[4:], 200, 9, BLOCK=32, num_warps=2)
+    assert len(wrapped.jit_calls) == 2
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + triton")

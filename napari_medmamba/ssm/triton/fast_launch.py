@@ -3,7 +3,7 @@
 ``kernel[grid](*args, **meta)`` costs 40-70 us of host time per launch on an H100 machine
 (``JITFunction.run``: binding and specialising every argument, hashing the specialisation,
 looking the kernel up, checking globals). For the short scans of the 2D models and the
-small feature maps, that host time is most of a call (docs/benchmarks.md, "host time").
+small feature maps, that host time is most of a call (docs/triton_scan.md, last section).
 
 :func:`launch` does the first launch of each *argument class* through Triton's own path,
 keeps the ``CompiledKernel`` it returns, and later launches that kernel directly with the
@@ -14,7 +14,7 @@ and launch-option values), so a cached kernel is always the one Triton would hav
 tests/test_triton_fast_launch.py checks that on a GPU against ``JITFunction.warmup``.
 
 Falls back to ``kernel[grid](...)`` under the interpreter, with launch hooks set (profilers),
-for Triton releases whose launch protocol was not checked (before 3.4), for argument types
+for Triton releases whose launch protocol was not checked (before 3.6; 3.6 and 3.9 were read and tested), for argument types
 the key does not know, and when ``MEDMAMBA_TRITON_FAST_LAUNCH=0``. Imports triton.
 """
 
@@ -40,7 +40,7 @@ def _version_ok() -> bool:
         major, minor = (int(p) for p in triton.__version__.split(".")[:2])
     except ValueError:
         return False
-    return (major, minor) >= (3, 4)
+    return (major, minor) >= (3, 6)
 
 
 _VERSION_OK = _version_ok()
@@ -82,6 +82,8 @@ def _signature(fn) -> tuple[tuple[str, ...], dict[str, Any], int]:
     ``triton.jit`` function."""
     got = _param_names.get(id(fn))
     if got is None:
+        if not (hasattr(fn, "fn") and hasattr(fn, "params")):  # an autotuner or heuristics wrapper: Triton's path
+            raise _Unknown(type(fn).__name__)
         params = inspect.signature(fn.fn).parameters
         constexpr = [p.is_constexpr for p in fn.params]
         n_runtime = constexpr.index(True) if True in constexpr else len(constexpr)
