@@ -185,15 +185,16 @@ def profile_stages(device: torch.device, size3d: int, bf16: bool, repeat: int = 
             for n, v in acc.items()]
 
 
-def profile_kernels(device: torch.device, size3d: int, train: bool, top: int, repeat: int = 3) -> list[dict]:
-    """The ``top`` operators by self device time (torch.profiler) over ``repeat`` 3D bf16 forwards (batch 1) or
-    training steps (batch 2), per call: where the time goes below the stage level."""
+def profile_kernels(device: torch.device, dims: int, size: int, train: bool, top: int, repeat: int = 3) -> list[dict]:
+    """The ``top`` operators by self device time (torch.profiler) over ``repeat`` bf16 forwards (batch 1) or
+    training steps (3D: batch 2; 2D: batch 12, as the timed cases), per call: where the time goes below the
+    stage level."""
     from torch.profiler import ProfilerActivity, profile
 
-    net = _net(3, device)
-    batch = 2 if train else 1
-    x = torch.randn(batch, 1, *(size3d,) * 3, device=device)
-    y = torch.randint(0, 3, (batch, *(size3d,) * 3), device=device)
+    net = _net(dims, device)
+    batch = (2 if dims == 3 else 12) if train else 1
+    x = torch.randn(batch, 1, *(size,) * dims, device=device)
+    y = torch.randint(0, 3, (batch, *(size,) * dims), device=device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
 
     def step():
@@ -299,12 +300,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\n| stage (3D forward, bf16) | ms | share |\n|---|---|---|")
         for s in out["stages"]:
             print(f"| {s['stage']} | {s['ms']:.2f} | {100 * s['share']:.0f}% |")
-    for kind in (("forward", False), ("training step", True)) if a.kernels else ():
-        rows_k = profile_kernels(device, a.size, kind[1], a.kernels)
-        out[f"kernels_{kind[0].replace(' ', '_')}"] = rows_k
-        print(f"\n| operator (3D {kind[0]}, bf16, {a.size}^3) | ms per step | calls per step | share |\n|---|---|---|---|")
-        for r in rows_k:
-            print(f"| {r['op']} | {r['ms_per_call']:.2f} | {r['calls_per_step']:g} | {100 * r['share']:.1f}% |")
+    # 3D always; 2D too when a 2D case was asked for
+    profiled = [(3, a.size)] + ([(2, a.size2d)] if any("2d" in c for c in a.cases) else [])
+    for dims, size in profiled if a.kernels else ():
+        for kind, train in (("forward", False), ("training step", True)):
+            rows_k = profile_kernels(device, dims, size, train, a.kernels)
+            out[f"kernels_{'' if dims == 3 else '2d_'}{kind.replace(' ', '_')}"] = rows_k
+            print(f"\n| operator ({dims}D {kind}, bf16, {size}^{dims}) | ms per step | calls per step | share |"
+                  "\n|---|---|---|---|")
+            for r in rows_k:
+                print(f"| {r['op']} | {r['ms_per_call']:.2f} | {r['calls_per_step']:g} | {100 * r['share']:.1f}% |")
     if a.json:
         a.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0
