@@ -101,3 +101,16 @@ def test_scan_sweep_refuses_to_run_without_a_gpu(capsys: pytest.CaptureFixture) 
     with pytest.raises(SystemExit) as stop:
         bench.main(["--shapes", "1,4,64,4", "--configs", "{}", '{"unroll_n": true}'])
     assert stop.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_kernel_profiles_cover_the_2d_network_when_a_2d_case_runs(tmp_path: Path) -> None:
+    import model as bench
+
+    out = tmp_path / "model.json"
+    assert bench.main(["--device", "cpu", "--cases", "infer2d", "--size", "16", "--size2d", "16", "--warmup", "0",
+                       "--repeat", "1", "--kernels", "2", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    for key in ("kernels_forward", "kernels_training_step", "kernels_2d_forward", "kernels_2d_training_step"):
+        rows = got[key]
+        assert len(rows) == 2 and all(r["ms_per_call"] > 0 and 0 < r["share"] <= 1 for r in rows), key
+    assert any("Scan" in r["op"] for r in got["kernels_2d_forward"] + got["kernels_2d_training_step"])
