@@ -8,9 +8,11 @@ Variants, timed in interleaved rounds (one forward each per round, so machine no
 ``napari_medmamba.ssm._cpu_numba_layers`` (causal conv1d + SiLU, channels-first LayerNorm, narrow channel
 mix) on whole sequences; ``layers+heap``: also inside ``reuse_large_allocations``; ``pieces+heap``: the Mamba
 layers run token-major piece by piece (``MambaLayer._forward_pieces``, the kernels of ``_cpu_numba_tokens``),
-inside ``reuse_large_allocations``: what ``segment()`` does on the CPU. The first three set
-``lightm_unet.PIECE_TOKENS = 0``. The selective scan is a numba CPU scan in every variant. Prints the median ms
-and the ratio to ``torch``.
+inside ``reuse_large_allocations``, with float32 projections; ``pieces+heap+bf16``: the same with the
+pieces' projections as bfloat16 products (``mamba.piece_product_dtype``): what ``segment()`` does on a CPU
+with native bf16 products (on others it is the float32 variant again). Every other variant keeps float32
+products (``MEDMAMBA_CPU_BF16=0``). The first three set ``lightm_unet.PIECE_TOKENS = 0``. The selective scan is
+a numba CPU scan in every variant. Prints the median ms and the ratio to ``torch``.
 """
 
 from __future__ import annotations
@@ -32,20 +34,21 @@ sys.path.insert(0, str(ROOT))
 from napari_medmamba.large_allocations import reuse_large_allocations  # noqa: E402
 from napari_medmamba.models import lightm_unet  # noqa: E402
 from napari_medmamba.models.checkpoints import load_checkpoint  # noqa: E402
-from napari_medmamba.models.mamba import CPU_LAYERS_ENV  # noqa: E402
+from napari_medmamba.models.mamba import CPU_BF16_ENV, CPU_LAYERS_ENV  # noqa: E402
 from napari_medmamba.models.registry import WEIGHTS_DIR, get_model_spec  # noqa: E402
 
 DEFAULT_CASES = ("lightm_unet_3d:40x56x40", "lightm_unet_3d_hn_oar:64x96x128")
 """The hippocampus model at its patch; the CT model at a typical body box of a 128^3 OpenKBP case."""
 
-VARIANTS = ("torch", "layers", "layers+heap", "pieces+heap")
+VARIANTS = ("torch", "layers", "layers+heap", "pieces+heap", "pieces+heap+bf16")
 _PIECE_TOKENS = lightm_unet.PIECE_TOKENS
 
 
 def _variant(name: str):
     os.environ[CPU_LAYERS_ENV] = "0" if name == "torch" else "1"
-    lightm_unet.PIECE_TOKENS = _PIECE_TOKENS if name == "pieces+heap" else 0
-    return reuse_large_allocations() if name.endswith("+heap") else contextlib.nullcontext()
+    os.environ[CPU_BF16_ENV] = "1" if name.endswith("+bf16") else "0"
+    lightm_unet.PIECE_TOKENS = _PIECE_TOKENS if name.startswith("pieces") else 0
+    return reuse_large_allocations() if "+heap" in name else contextlib.nullcontext()
 
 
 def run(cases: list[str], rounds: int) -> list[dict]:
@@ -68,6 +71,7 @@ def run(cases: list[str], rounds: int) -> list[dict]:
                         net(x)
                         times[v].append(time.perf_counter() - t0)
         os.environ.pop(CPU_LAYERS_ENV, None)
+        os.environ.pop(CPU_BF16_ENV, None)
         lightm_unet.PIECE_TOKENS = _PIECE_TOKENS
         base = statistics.median(times["torch"])
         for v in VARIANTS:

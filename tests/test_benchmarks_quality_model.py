@@ -4,6 +4,7 @@ same-run ratio table and official-network loader."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,7 @@ def test_scan_cpu_kernels_times_two_versions_on_the_same_inputs(capsys: pytest.C
         assert fwd > 0 and bwd > 0 and abs(ratio - (fwd_save + bwd) / fwd) < 0.01 * ratio + 0.01
 
 
-def test_cpu_forward_benchmark_compares_the_four_variants(tmp_path: Path) -> None:
+def test_cpu_forward_benchmark_compares_the_variants(tmp_path: Path) -> None:
     """benchmarks/cpu_forward.py: one row per variant, ratios to the PyTorch path, outputs that agree."""
     out = tmp_path / "cpu.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_forward.py"), "--cases",
@@ -86,9 +87,10 @@ def test_cpu_forward_benchmark_compares_the_four_variants(tmp_path: Path) -> Non
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert [r["variant"] for r in rows] == ["torch", "layers", "layers+heap", "pieces+heap"]
+    assert [r["variant"] for r in rows] == ["torch", "layers", "layers+heap", "pieces+heap", "pieces+heap+bf16"]
     assert rows[0]["speedup"] == 1.0 and rows[0]["max_abs_diff_vs_torch"] == 0.0
-    assert all(r["median_ms"] > 0 and r["max_abs_diff_vs_torch"] < 1e-3 for r in rows)
+    assert all(r["median_ms"] > 0 and r["max_abs_diff_vs_torch"] < 1e-3 for r in rows[:4])
+    assert rows[4]["median_ms"] > 0 and rows[4]["max_abs_diff_vs_torch"] < 0.5  # bf16 rounding, logits of order 10
     assert "| lightm_unet_3d | 8x16x8 | pieces+heap |" in done.stdout
 
 
@@ -114,3 +116,26 @@ def test_kernel_profiles_cover_the_2d_network_when_a_2d_case_runs(tmp_path: Path
         rows = got[key]
         assert len(rows) == 2 and all(r["ms_per_call"] > 0 and 0 < r["share"] <= 1 for r in rows), key
     assert any("Scan" in r["op"] for r in got["kernels_2d_forward"] + got["kernels_2d_training_step"])
+
+
+def test_cpu_bf16_ab_segments_each_case_both_ways(hippocampus: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/cpu_bf16_ab.py: both precisions per case, in alternating order, Dice of each and agreement;
+    with bf16 products forced (any CPU computes them), the two runs may differ but must nearly agree."""
+    import cpu_bf16_ab as bench
+
+    from napari_medmamba.models import mamba
+
+    monkeypatch.setattr(mamba, "cpu_multiplies_bf16", lambda: True)
+    out = tmp_path / "ab.json"
+    assert bench.main(["--model", "lightm_unet_3d", "--data", str(hippocampus), "--split",
+                       str(ROOT / "weights" / "splits" / "msd_hippocampus.json"), "--limit", "2",
+                       "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["native_bf16"] is True and len(got["rows"]) == 2
+    for row in got["rows"]:
+        assert row["seconds fp32"] > 0 and row["seconds bf16"] > 0
+        assert row["label agreement"] > 0.99
+        for cls in got["classes"]:
+            assert abs(row[f"dice {cls} bf16"] - row[f"dice {cls} fp32"]) < 0.05
+    assert mamba.CPU_BF16_ENV not in os.environ  # the script leaves the process's setting as it found it

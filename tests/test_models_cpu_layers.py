@@ -2,7 +2,9 @@
 
 The numba kernels (``napari_medmamba.ssm._cpu_numba_layers``: causal conv1d + SiLU, channels-first LayerNorm,
 narrow channel mix; ``_cpu_numba_tokens``: the token-major scan, conv1d and LayerNorms of a Mamba layer run
-piece by piece), LightM-UNet's pairwise max pooling and the heap-reuse context of ``segment()``.
+piece by piece), LightM-UNet's pairwise max pooling and the heap-reuse context of ``segment()``. The piece
+path's projections run in float32 here (``MEDMAMBA_CPU_BF16=0``) unless a test says otherwise, so that it is
+compared with the PyTorch path at float32 tolerances; the bfloat16 products have their own tests.
 """
 
 from __future__ import annotations
@@ -16,11 +18,18 @@ import torch.nn.functional as F
 from napari_medmamba import large_allocations
 from napari_medmamba.models import lightm_unet
 from napari_medmamba.models.lightm_unet import LightMUNet, MambaLayer, MaxPool
-from napari_medmamba.models.mamba import (CPU_LAYERS_ENV, Mamba, causal_conv1d_silu, channels_first_layer_norm,
-                                          channels_first_linear, cpu_inference, scan_override)
+from napari_medmamba.models import mamba as mamba_module
+from napari_medmamba.models.mamba import (CPU_BF16_ENV, CPU_LAYERS_ENV, Mamba, causal_conv1d_silu,
+                                          channels_first_layer_norm, channels_first_linear, cpu_inference,
+                                          piece_product_dtype, scan_override)
 from napari_medmamba.ssm import _cpu_numba_layers as kernels
 from napari_medmamba.ssm import _cpu_numba_tokens as tokens
 from napari_medmamba.ssm.reference import selective_scan_ref
+
+
+@pytest.fixture(autouse=True)
+def _float32_products(monkeypatch):
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
 
 
 def _torch_path(monkeypatch):
@@ -309,6 +318,45 @@ def test_mamba_layer_in_pieces_equals_torch_path(monkeypatch, channels, length, 
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=2e-5)
 
 
+def test_piece_products_are_bf16_only_where_the_cpu_multiplies_it(monkeypatch) -> None:
+    monkeypatch.delenv(CPU_BF16_ENV)
+    monkeypatch.setattr(mamba_module, "cpu_multiplies_bf16", lambda: False)
+    assert piece_product_dtype() == torch.float32
+    monkeypatch.setattr(mamba_module, "cpu_multiplies_bf16", lambda: True)
+    assert piece_product_dtype() == torch.bfloat16
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    assert piece_product_dtype() == torch.float32
+
+
+@pytest.mark.parametrize("channels,length,batch,piece", [(32, 1000, 1, 256), (16, 777, 2, 100)])
+def test_mamba_layer_in_pieces_with_bf16_products(monkeypatch, channels, length, batch, piece) -> None:
+    """bfloat16 projections in the piece path (CPUs with native bf16 products): every projection sees bf16
+    inputs and weights, nothing else does, and the output stays float32 and within bf16 rounding of the float32
+    PyTorch path (relative RMS < 1e-2; the models were trained with bf16 products under autocast)."""
+    monkeypatch.delenv(CPU_BF16_ENV)
+    monkeypatch.setattr(mamba_module, "cpu_multiplies_bf16", lambda: True)
+    torch.manual_seed(channels + length)
+    layer = MambaLayer(channels, channels + 8).eval()
+    with torch.no_grad():
+        layer.mamba.A_log.add_(torch.randn_like(layer.mamba.A_log) * 0.3)
+        layer.mamba.D.add_(torch.randn_like(layer.mamba.D))
+        layer.skip_scale.fill_(0.6)
+    x = torch.randn(batch, channels, length)
+    monkeypatch.setattr(lightm_unet, "PIECE_TOKENS", piece)
+    seen = []
+    real_linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda a, w, b=None: seen.append((a.dtype, w.dtype)) or real_linear(a, w, b))
+    with torch.inference_mode():
+        fast = layer(x)
+        assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+        assert len(seen) == 5 * -(-length // piece)  # in_proj (u, z), x_proj, out_proj, proj per piece
+        _torch_path(monkeypatch)
+        ref = layer(x)
+    assert fast.dtype == torch.float32
+    rel = float((fast - ref).square().mean().sqrt() / ref.square().mean().sqrt())
+    assert 0 < rel < 1e-2
+
+
 def test_mamba_layer_pieces_only_in_cpu_float32_inference(monkeypatch) -> None:
     """Training, float64, CPU autocast, a forced scan backend and a scan override (scan_shapes) see whole
     sequences."""
@@ -456,3 +504,26 @@ def test_finetune_and_train_run_with_heap_reuse_on_the_cpu(monkeypatch) -> None:
             call()
         assert info.value.args == (True,)
     assert not large_allocations.is_active()
+
+
+@pytest.mark.parametrize("precision,expected", [("auto", torch.bfloat16), ("fp32", torch.float32)])
+def test_segment_precision_chooses_the_cpu_products(monkeypatch, precision, expected) -> None:
+    """On a CPU with native bf16 products, segment(precision="auto") runs the Mamba layers' projections as bf16
+    products and precision="fp32" keeps them float32."""
+    import numpy as np
+
+    from napari_medmamba.inference import segment
+    from test_inference_support import contract
+
+    monkeypatch.delenv(CPU_BF16_ENV)
+    monkeypatch.setattr(mamba_module, "cpu_multiplies_bf16", lambda: True)
+    torch.manual_seed(0)
+    net = LightMUNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2).eval()
+    seen = []
+    real_linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda a, w, b=None: seen.append(w.dtype) or real_linear(a, w, b))
+    volume = np.random.default_rng(0).normal(size=(16, 16, 16)).astype(np.float32)
+    result = segment(volume, (net, contract(orientation=None)), device="cpu", precision=precision)
+    assert result.labels.array.shape == (16, 16, 16)
+    assert seen and set(seen) == {expected}
+    assert piece_product_dtype() == torch.bfloat16  # the setting applied to that call only

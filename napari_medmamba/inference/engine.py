@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..io.volume import Geometry, Volume
 from ..large_allocations import reuse_large_allocations
+from ..models.mamba import float32_products
 from ..models.registry import InputContract, ModelSpec, get_model_spec, mirrored_class_order
 from .body_crop import body_box
 from .errors import SegmentationCancelled, SegmentationInputError
@@ -218,8 +219,9 @@ def _forward_fn(net: nn.Module, contract: InputContract, precision: str,
 
     def logits_of(x: torch.Tensor, device: torch.device) -> torch.Tensor:
         bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        exact = float32_products() if precision == "fp32" else contextlib.nullcontext()
         try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with exact, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 return net(x)
         except (SegmentationCancelled, torch.cuda.OutOfMemoryError):
             raise
@@ -297,7 +299,9 @@ def segment(
     """Segment ``volume`` with ``model``; every output lies on the volume's own grid.
 
     ``mode='fast'`` works at 1.5x coarser spacing with less window overlap (0.25 instead of
-    0.5). ``precision='auto'`` uses bf16 autocast on CUDA and fp32 on the CPU. ``progress``
+    0.5). ``precision='auto'`` uses bf16 autocast on CUDA; on the CPU it keeps float32 except for the Mamba
+    layers' projections, which are bf16 products on CPUs that multiply bf16 natively (``models.mamba.
+    piece_product_dtype``); ``'fp32'`` keeps every step float32. ``progress``
     gets monotonic (fraction, stage) calls ending at 1.0; ``cancel`` (a callable or a
     ``threading.Event``) is honoured between tiles and inside the network's forward pass,
     raising :class:`SegmentationCancelled`. Bad input raises :class:`SegmentationInputError`.

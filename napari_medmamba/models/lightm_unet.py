@@ -148,11 +148,14 @@ class MambaLayer(nn.Module):
         x_cf = flat.contiguous().numpy()
         weight, bias, eps = self.norm.weight.detach().numpy(), self.norm.bias.detach().numpy(), float(self.norm.eps)
         scale = float(self.skip_scale)
+        dt = carry.products[0].dtype  # the projections' dtype (mamba.piece_product_dtype)
+        w_proj = self.proj.weight.detach().to(dt)
+        b_proj = None if self.proj.bias is None else self.proj.bias.detach().to(dt)
         for t0 in range(0, length, PIECE_TOKENS):
             piece, normed = kernels.layer_norm_to_tokens(x_cf, t0, min(PIECE_TOKENS, length - t0), weight, bias, eps)
             y = self.mamba.forward_piece(torch.from_numpy(normed), carry)
             y = torch.from_numpy(kernels.skip_layer_norm(y.numpy(), piece, scale, weight, bias, eps))
-            out[..., t0:t0 + PIECE_TOKENS] = F.linear(y, self.proj.weight, self.proj.bias).transpose(1, 2)
+            out[..., t0:t0 + PIECE_TOKENS] = F.linear(y.to(dt), w_proj, b_proj).transpose(1, 2)  # copied as float32
         return out
 
     def _scan_inputs(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
