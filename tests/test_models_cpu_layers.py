@@ -293,11 +293,9 @@ def test_token_major_layer_norms_equal_torch() -> None:
         torch.testing.assert_close(torch.from_numpy(skipped), norm(y + 0.7 * ref_piece), rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("channels,length,batch,piece", [(32, 1000, 1, 256), (16, 777, 2, 100), (24, 50, 1, 4096),
-                                                         (8, 301, 1, 3)])
-def test_mamba_layer_in_pieces_equals_torch_path(monkeypatch, channels, length, batch, piece) -> None:
-    """The token-major piece-by-piece path (CPU inference) against the channels-first PyTorch path, with trained-
-    looking parameters (A, D, skip scale away from their initial values), pieces shorter than the conv1d's width."""
+def _trained_looking_layer(monkeypatch, channels: int, length: int, batch: int, piece: int):
+    """A MambaLayer with A, D and the skip scale away from their initial values, an input, and pieces of ``piece``
+    tokens."""
     torch.manual_seed(channels + length)
     layer = MambaLayer(channels, channels + 8).eval()
     with torch.no_grad():
@@ -306,6 +304,15 @@ def test_mamba_layer_in_pieces_equals_torch_path(monkeypatch, channels, length, 
         layer.skip_scale.fill_(0.6)
     x = torch.randn(batch, channels, length)
     monkeypatch.setattr(lightm_unet, "PIECE_TOKENS", piece)
+    return layer, x
+
+
+@pytest.mark.parametrize("channels,length,batch,piece", [(32, 1000, 1, 256), (16, 777, 2, 100), (24, 50, 1, 4096),
+                                                         (8, 301, 1, 3)])
+def test_mamba_layer_in_pieces_equals_torch_path(monkeypatch, channels, length, batch, piece) -> None:
+    """The token-major piece-by-piece path (CPU inference) against the channels-first PyTorch path, with trained-
+    looking parameters (A, D, skip scale away from their initial values), pieces shorter than the conv1d's width."""
+    layer, x = _trained_looking_layer(monkeypatch, channels, length, batch, piece)
     calls = []
     real = layer._forward_pieces
     monkeypatch.setattr(layer, "_forward_pieces", lambda flat: calls.append(1) or real(flat))
@@ -335,14 +342,7 @@ def test_mamba_layer_in_pieces_with_bf16_products(monkeypatch, channels, length,
     PyTorch path (relative RMS < 1e-2; the models were trained with bf16 products under autocast)."""
     monkeypatch.delenv(CPU_BF16_ENV)
     monkeypatch.setattr(mamba_module, "cpu_multiplies_bf16", lambda: True)
-    torch.manual_seed(channels + length)
-    layer = MambaLayer(channels, channels + 8).eval()
-    with torch.no_grad():
-        layer.mamba.A_log.add_(torch.randn_like(layer.mamba.A_log) * 0.3)
-        layer.mamba.D.add_(torch.randn_like(layer.mamba.D))
-        layer.skip_scale.fill_(0.6)
-    x = torch.randn(batch, channels, length)
-    monkeypatch.setattr(lightm_unet, "PIECE_TOKENS", piece)
+    layer, x = _trained_looking_layer(monkeypatch, channels, length, batch, piece)
     seen = []
     real_linear = F.linear
     monkeypatch.setattr(F, "linear", lambda a, w, b=None: seen.append((a.dtype, w.dtype)) or real_linear(a, w, b))
