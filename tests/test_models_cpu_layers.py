@@ -9,6 +9,8 @@ compared with the PyTorch path at float32 tolerances; the bfloat16 products have
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -330,6 +332,14 @@ def test_piece_products_are_bf16_only_where_the_cpu_multiplies_it(monkeypatch) -
     monkeypatch.setattr(mamba_module, "cpu_multiplies_bf16", lambda: False)
     assert piece_product_dtype() == torch.float32
     monkeypatch.setattr(mamba_module, "cpu_multiplies_bf16", lambda: True)
+    assert piece_product_dtype() == torch.bfloat16
+    with mamba_module.float32_products():  # segment(precision="fp32"): this thread only
+        assert piece_product_dtype() == torch.float32
+        other = []
+        worker = threading.Thread(target=lambda: other.append(piece_product_dtype()))
+        worker.start()
+        worker.join()
+        assert other == [torch.bfloat16]
     assert piece_product_dtype() == torch.bfloat16
     monkeypatch.setenv(CPU_BF16_ENV, "0")
     assert piece_product_dtype() == torch.float32

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,7 +39,7 @@ _NARROW_MAX = 8
 ones are faster as BLAS matrix products)."""
 
 _OVERRIDE: list[Callable[..., torch.Tensor]] = []
-_FLOAT32_PRODUCTS: list[bool] = []
+_FLOAT32_PRODUCTS = threading.local()  # .depth: nesting of float32_products() in this thread
 _LOG2E = 1.4426950408889634
 
 
@@ -149,16 +150,14 @@ class Mamba(nn.Module):
         history = p.new_zeros(batch, self.d_conv - 1, self.d_inner)
         state = p.new_zeros(batch, self.d_state, self.d_inner)
         dt = piece_product_dtype()
-        d, w_in, b_in = self.d_inner, self.in_proj.weight.detach(), self.in_proj.bias
-        b_in = None if b_in is None else b_in.detach()
-        b_out = self.out_proj.bias
+        d, w_in, b_in = self.d_inner, self.in_proj.weight, self.in_proj.bias
 
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().to(dt).contiguous()
 
         products = (cast(w_in[:d]), cast(None if b_in is None else b_in[:d]), cast(w_in[d:]),
                     cast(None if b_in is None else b_in[d:]), cast(self.x_proj.weight), cast(self.out_proj.weight),
-                    cast(b_out))
+                    cast(self.out_proj.bias))
         return PieceCarry(history, state, a2, self.dt_proj.weight.detach().float().t().contiguous(), products)
 
     def forward_piece(self, x: torch.Tensor, carry: "PieceCarry") -> torch.Tensor:
@@ -216,21 +215,21 @@ def cpu_multiplies_bf16() -> bool:
 def piece_product_dtype() -> torch.dtype:
     """The dtype of the CPU piece path's projections: bfloat16 where the CPU multiplies it natively (the
     shipped models were trained with bf16 products under autocast), float32 elsewhere or with
-    ``MEDMAMBA_CPU_BF16=0`` or inside :func:`float32_products`. Inputs are rounded to it, products accumulate in
-    float32, and every other step (norms, conv1d, scan, skip) stays float32."""
-    if _FLOAT32_PRODUCTS or os.environ.get(CPU_BF16_ENV) == "0" or not cpu_multiplies_bf16():
+    ``MEDMAMBA_CPU_BF16=0`` or inside :func:`float32_products`. The products' inputs and outputs are rounded to it
+    (they accumulate in float32); every other step (norms, conv1d, scan, skip) stays float32."""
+    if getattr(_FLOAT32_PRODUCTS, "depth", 0) or os.environ.get(CPU_BF16_ENV) == "0" or not cpu_multiplies_bf16():
         return torch.float32
     return torch.bfloat16
 
 
 @contextmanager
 def float32_products() -> Iterator[None]:
-    """Inside: :func:`piece_product_dtype` is float32 on every CPU (``segment(precision="fp32")``)."""
-    _FLOAT32_PRODUCTS.append(True)
+    """Inside, in this thread: :func:`piece_product_dtype` is float32 on every CPU (``segment(precision="fp32")``)."""
+    _FLOAT32_PRODUCTS.depth = getattr(_FLOAT32_PRODUCTS, "depth", 0) + 1
     try:
         yield
     finally:
-        _FLOAT32_PRODUCTS.pop()
+        _FLOAT32_PRODUCTS.depth -= 1
 
 
 def _no_autocast(device: torch.device):
