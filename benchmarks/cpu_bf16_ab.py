@@ -26,24 +26,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import dice  # noqa: E402
+from quality import dice, select_cases  # noqa: E402
 
 from napari_medmamba.inference import segment  # noqa: E402
 from napari_medmamba.inference.engine import resolve_model  # noqa: E402
 from napari_medmamba.io import read_volume  # noqa: E402
 from napari_medmamba.models import mamba  # noqa: E402
 from napari_medmamba.models.mamba import CPU_BF16_ENV  # noqa: E402
-from napari_medmamba.training.dataset import load_case_folder  # noqa: E402
 
 PRECISIONS = {"fp32": "0", "bf16": "1"}
 
 
 def run(model_name: str, data: Path, split: Path | None, limit: int | None) -> dict:
-    cases = load_case_folder(data)
-    if split:
-        val = set(json.loads(split.read_text())["val"])
-        cases = [c for c in cases if c.case_id in val]
-    cases = cases[:limit] if limit else cases
+    cases = select_cases(data, split, limit)
     previous = os.environ.get(CPU_BF16_ENV)
     net, contract, name, _ = resolve_model(model_name)
     model = (net, contract, name)

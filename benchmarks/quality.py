@@ -58,6 +58,16 @@ def bootstrap_ci(values: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[floa
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def select_cases(data: Path, split: Path | None, limit: int | None) -> list:
+    """The labelled cases of ``data`` (MSD or nnU-Net raw layout), only the split's 'val' ids when ``split``
+    names a JSON file, at most ``limit``."""
+    cases = load_case_folder(data)
+    if split:
+        val = set(json.loads(split.read_text())["val"])
+        cases = [c for c in cases if c.case_id in val]
+    return cases[:limit] if limit else cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lightm_unet_3d")
@@ -80,11 +90,7 @@ def main() -> None:
                         help="same as --postprocess largest")
     args = parser.parse_args()
 
-    cases = load_case_folder(args.data)
-    if args.split:
-        val = set(json.loads(args.split.read_text())["val"])
-        cases = [c for c in cases if c.case_id in val]
-    cases = cases[: args.limit] if args.limit else cases
+    cases = select_cases(args.data, args.split, args.limit)
     if args.weights:
         from napari_medmamba.models import get_model_spec, load_checkpoint
 

@@ -139,3 +139,13 @@ def test_cpu_bf16_ab_segments_each_case_both_ways(hippocampus: Path, tmp_path: P
         for cls in got["classes"]:
             assert abs(row[f"dice {cls} bf16"] - row[f"dice {cls} fp32"]) < 0.05
     assert mamba.CPU_BF16_ENV not in os.environ  # the script leaves the process's setting as it found it
+
+
+def test_scan_host_refuses_to_run_without_a_gpu(capsys: pytest.CaptureFixture) -> None:
+    import scan_host as bench
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    assert bench.main(["--backends", "triton", "--n", "1"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

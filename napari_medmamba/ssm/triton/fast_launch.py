@@ -14,8 +14,9 @@ and launch-option values), so a cached kernel is always the one Triton would hav
 tests/test_triton_fast_launch.py checks that on a GPU against ``JITFunction.warmup``.
 
 Falls back to ``kernel[grid](...)`` under the interpreter, with launch hooks set (profilers),
-for Triton releases whose launch protocol was not checked (before 3.6; 3.6 and 3.9 were read and tested), for argument types
-the key does not know, and when ``MEDMAMBA_TRITON_FAST_LAUNCH=0``. Imports triton.
+for Triton releases whose launch protocol was not checked (before 3.6; 3.6 and 3.9 were read
+and tested), for autotuned or heuristics-wrapped kernels, for argument types the key does not
+know, and when ``MEDMAMBA_TRITON_FAST_LAUNCH=0``. Imports triton.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 import triton
 
-__all__ = ["launch", "arg_class", "enabled", "cached_kernel", "ENV_VAR"]
+__all__ = ["launch", "arg_class", "enabled", "ENV_VAR"]
 
 ENV_VAR = "MEDMAMBA_TRITON_FAST_LAUNCH"
 _I32 = (-(1 << 31), 1 << 31)
@@ -105,14 +106,6 @@ def _hooks_set() -> bool:
     """Launch hooks (Triton's profilers) need Triton's own launch path and its launch metadata."""
     rt = triton.knobs.runtime
     return any(h is not None and bool(getattr(h, "calls", True)) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
-
-
-def cached_kernel(fn, args: tuple, meta: dict):
-    """The ``CompiledKernel`` :func:`launch` would reuse for these arguments, or None."""
-    try:
-        return _cache.get(_key(fn, torch.cuda.current_device(), args, meta))
-    except _Unknown:
-        return None
 
 
 def _verify(fn, grid: tuple, args: tuple, meta: dict, kernel) -> None:
