@@ -110,12 +110,16 @@ def test_kernel_profiles_cover_the_2d_network_when_a_2d_case_runs(tmp_path: Path
 
     out = tmp_path / "model.json"
     assert bench.main(["--device", "cpu", "--cases", "infer2d", "--size", "16", "--size2d", "16", "--warmup", "0",
-                       "--repeat", "1", "--kernels", "2", "--json", str(out)]) == 0
+                       "--repeat", "1", "--kernels", "25", "--json", str(out)]) == 0
     got = json.loads(out.read_text())
     for key in ("kernels_forward", "kernels_training_step", "kernels_2d_forward", "kernels_2d_training_step"):
         rows = got[key]
-        assert len(rows) == 2 and all(r["ms_per_call"] > 0 and 0 < r["share"] <= 1 for r in rows), key
-    assert any("Scan" in r["op"] for r in got["kernels_2d_forward"] + got["kernels_2d_training_step"])
+        assert 2 < len(rows) <= 25 and all(r["ms_per_call"] >= 0 and 0 <= r["share"] <= 1 for r in rows), key
+        assert rows[0]["ms_per_call"] > 0 and [r["ms_per_call"] for r in rows] == sorted(
+            (r["ms_per_call"] for r in rows), reverse=True), key
+    # the 2D profile is of the 2D network: its scans are there (which rank they take depends on the CPU)
+    assert any("Scan" in r["op"] for r in got["kernels_2d_forward"])
+    assert any("Scan" in r["op"] for r in got["kernels_2d_training_step"])
 
 
 def test_cpu_bf16_ab_segments_each_case_both_ways(hippocampus: Path, tmp_path: Path,
