@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -189,6 +190,34 @@ def test_group_norm_relu_equals_torch_and_runs_in_lightm_unet_inference(monkeypa
     assert calls == [1]
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 5, 6, 7), (2, 2, 1, 1, 1), (1, 1, 1, 4, 1), (2, 4, 3, 1, 5)])
+def test_upsample2_add_equals_torch_and_runs_in_lightm_unet_inference(monkeypatch, shape) -> None:
+    """The fused decoder step against F.interpolate(trilinear, x2, align_corners=False) + skip (sizes of one,
+    odd sizes, batch 2), and ``upsample_add``'s routing: CPU float32 inference of 3D maps takes it; training,
+    2D maps and MEDMAMBA_CPU_LAYERS=0 do not."""
+    g = torch.Generator().manual_seed(sum(shape))
+    up = nn.Sequential(lightm_unet.ConvOnly(3, 2 * shape[1], shape[1], 1), lightm_unet.Upsample(3))
+    x = torch.randn(shape[0], 2 * shape[1], *shape[2:], generator=g)
+    skip = torch.randn(*shape[:2], *(2 * s for s in shape[2:]), generator=g)
+    calls = []
+    real = kernels.upsample2_add
+    monkeypatch.setattr(kernels, "upsample2_add", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        ref = F.interpolate(up[0](x), scale_factor=2, mode="trilinear", align_corners=False) + skip
+        torch.testing.assert_close(lightm_unet.upsample_add(up, x, skip), ref, rtol=1e-6, atol=1e-6)
+        assert calls == [1]
+        up2d = nn.Sequential(lightm_unet.ConvOnly(2, 4, 2, 1), lightm_unet.Upsample(2))
+        assert lightm_unet.upsample_add(up2d, torch.randn(1, 4, 3, 5), torch.randn(1, 2, 6, 10)).shape == (1, 2, 6, 10)
+    assert calls == [1]
+    x.requires_grad_(True)
+    lightm_unet.upsample_add(up, x, skip).sum().backward()  # training: the modules, with gradients
+    assert calls == [1] and x.grad is not None
+    _torch_path(monkeypatch)
+    with torch.inference_mode():
+        lightm_unet.upsample_add(up, x.detach(), skip)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("in_ch,out_ch,k,groups,bias,dims", [(6, 6, 1, 6, True, 3), (1, 5, 1, 1, False, 3),
                                                             (4, 4, 1, 4, False, 2), (3, 3, 3, 3, False, 3),
                                                             (4, 6, 1, 1, True, 3)])
@@ -272,7 +301,9 @@ def test_token_major_conv1d_silu_continues_across_pieces(width) -> None:
         history = np.zeros((2, width - 1, 20), np.float32)
         pieces = []
         for t0 in range(0, 103, 40):  # the carried history is the previous piece's last K - 1 inputs
-            pieces.append(tokens.conv1d_silu_tokens(np.ascontiguousarray(xt[:, t0:t0 + 40]), w, b, history))
+            out, same = tokens.conv1d_silu_tokens(np.ascontiguousarray(xt[:, t0:t0 + 40]), w, b, history)
+            assert np.shares_memory(out, same)  # without ``like`` the second output is the first
+            pieces.append(out)
             history = np.ascontiguousarray(xt[:, max(0, t0 + 40 - (width - 1)):t0 + 40]) if width > 1 else history
     torch.testing.assert_close(torch.from_numpy(np.concatenate(pieces, axis=1)), ref, rtol=1e-5, atol=1e-5)
 
@@ -293,6 +324,65 @@ def test_token_major_layer_norms_equal_torch() -> None:
         torch.testing.assert_close(torch.from_numpy(normed), norm(ref_piece), rtol=1e-5, atol=2e-5)
         skipped = tokens.skip_layer_norm(y.numpy(), piece, 0.7, *args)
         torch.testing.assert_close(torch.from_numpy(skipped), norm(y + 0.7 * ref_piece), rtol=1e-5, atol=2e-5)
+
+
+def _bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bf16 by torch, as the uint16 bits the token kernels read."""
+    return torch.from_numpy(a).bfloat16().view(torch.uint16).numpy()
+
+
+def test_token_major_kernels_read_and_write_bf16_bits_exactly_as_torch_casts() -> None:
+    """With ``like`` a uint16 array, each kernel reads bf16 bits where products' outputs come in and writes
+    bf16 bits where products' inputs go out; the result is bit-equal to the float32 kernel on the widened inputs
+    followed by torch's bf16 cast (round to nearest even), and the float32 outputs are unchanged."""
+    like = np.empty(0, np.uint16)
+    rng = np.random.default_rng(7)
+    f32 = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
+    widen = lambda bits: torch.from_numpy(bits).view(torch.bfloat16).float().numpy()  # noqa: E731
+    as_bf16 = lambda a: torch.from_numpy(a).bfloat16()  # noqa: E731
+    as_bits = lambda bits: torch.from_numpy(bits).view(torch.bfloat16)  # noqa: E731
+    # conv1d + SiLU: bf16 input (in_proj's output), float32 output for the scan and bf16 bits for x_proj
+    x, w, b, hist = f32(2, 70, 24), f32(24, 4), f32(24), f32(2, 3, 24)
+    out, prod = tokens.conv1d_silu_tokens(_bf16_bits(x), w, b, hist, like)
+    ref, _ = tokens.conv1d_silu_tokens(widen(_bf16_bits(x)), w, b, hist)
+    assert prod.dtype == np.uint16 and np.array_equal(out, ref) and torch.equal(as_bits(prod), as_bf16(ref))
+    # the scan: z in bf16 bits (in_proj's output), y out as bf16 bits (out_proj's input)
+    u, z, x_dbl = f32(1, 50, 32), f32(1, 50, 32), f32(1, 50, 2 + 32)
+    a2 = -np.exp(f32(16, 32))
+    D, bias, w_dt = f32(32), f32(32), f32(2, 32)
+    args = (x_dbl[..., :2], w_dt, a2, x_dbl[..., 2:18], x_dbl[..., 18:], D)
+    s1, s2 = np.zeros((1, 16, 32), np.float32), np.zeros((1, 16, 32), np.float32)
+    y = tokens.scan_tokens(u, *args, _bf16_bits(z), bias, s1, like)
+    y_ref = tokens.scan_tokens(u, *args, widen(_bf16_bits(z)), bias, s2)
+    assert y.dtype == np.uint16 and torch.equal(as_bits(y), as_bf16(y_ref)) and np.array_equal(s1, s2)
+    # the norms: bf16 bits out (in_proj's and proj's inputs), bf16 bits in (out_proj's output)
+    xc, lw, lb = f32(1, 24, 300) * 3 + 1, f32(24), f32(24)
+    piece, normed = tokens.layer_norm_to_tokens(xc, 17, 90, lw, lb, 1e-5, like)
+    piece_ref, normed_ref = tokens.layer_norm_to_tokens(xc, 17, 90, lw, lb, 1e-5)
+    assert np.array_equal(piece, piece_ref) and torch.equal(as_bits(normed), as_bf16(normed_ref))
+    yy = f32(1, 90, 24)
+    skipped = tokens.skip_layer_norm(_bf16_bits(yy), piece, 0.7, lw, lb, 1e-5, like)
+    skipped_ref = tokens.skip_layer_norm(widen(_bf16_bits(yy)), piece, 0.7, lw, lb, 1e-5)
+    assert torch.equal(as_bits(skipped), as_bf16(skipped_ref))
+    # the output projection back into the channels-first map, bf16 widened
+    out_cf = np.full((1, 24, 200), np.nan, np.float32)
+    tokens.tokens_to_channels(skipped, out_cf, 100)
+    tokens.tokens_to_channels(skipped_ref, out_cf, 10)
+    assert np.array_equal(out_cf[..., 100:190], as_bits(skipped).float().transpose(1, 2).numpy())
+    assert np.array_equal(out_cf[..., 10:100], skipped_ref.transpose(0, 2, 1))
+    assert np.isnan(out_cf[..., :10]).all() and np.isnan(out_cf[..., 190:]).all()
+    # rounding: ties go to even, as torch's cast does; large values and signed zero
+    values = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1 + 2 ** -9, 3.0e38, -0.0, 1e-30], np.float32)
+    assert np.array_equal(_kernel_bf16_bits(values), _bf16_bits(values))
+
+
+@numba.njit
+def _kernel_bf16_bits(values):
+    """The kernels' float32 -> bf16 rounding (``as_element`` into a uint16 array) of a 1-d float32 array."""
+    out = np.empty(values.shape, np.uint16)
+    for i in range(values.size):
+        out[i] = tokens.as_element(values[i], out)
+    return out
 
 
 def _trained_looking_layer(monkeypatch, channels: int, length: int, batch: int, piece: int):
@@ -397,7 +487,8 @@ def test_warm_cpu_kernels_compiles_what_inference_uses(monkeypatch) -> None:
     def signatures() -> dict[str, int]:
         found = {name: len(getattr(tokens, name).signatures)
                  for name in ("conv1d_silu_tokens", "layer_norm_to_tokens", "skip_layer_norm")}
-        return found | {"scan": len(tokens._SCAN[16].signatures), "depthwise": len(kernels.depthwise_conv3d_3.signatures)}
+        return found | {"scan": len(tokens._SCAN[16].signatures), "depthwise": len(kernels.depthwise_conv3d_3.signatures),
+                        "upsample": len(kernels.upsample2_add.signatures)}
 
     assert lightm_unet.warm_cpu_kernels()
     compiled = signatures()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -167,27 +168,50 @@ class Mamba(nn.Module):
         Every projection is a (T, in) x (in, out) matrix product (about 3x the BLAS rate of the channels-first
         product on a 2-core EPYC), in ``carry``'s product dtype (:func:`piece_product_dtype`), and every
         intermediate stays in the cache; the conv1d and the scan are the token-major numba kernels of
-        ``ssm._cpu_numba_tokens``, in float32.
+        ``ssm._cpu_numba_tokens``, which compute in float32 and read and write the products' inputs and outputs
+        in the products' dtype (no separate cast passes). Returns (B, T, d_model) in the products' dtype.
         """
         from ..ssm import _cpu_numba_tokens as kernels
 
         r, n = self.dt_rank, self.d_state
         w_u, b_u, w_z, b_z, w_x, w_out, b_out = carry.products
-        xp = x.to(w_u.dtype)
-        u_raw = nn.functional.linear(xp, w_u, b_u).float()
-        z = nn.functional.linear(xp, w_z, b_z).float()
-        u = torch.from_numpy(kernels.conv1d_silu_tokens(
-            u_raw.numpy(), self.conv1d.weight.detach()[:, 0].numpy(), self.conv1d.bias.detach().numpy(),
-            carry.history.numpy()))
+        like = piece_array_like(w_u.dtype)
+        xp = x.to(w_u.dtype)  # a no-op for the layers' pieces, which arrive in the products' dtype
+        u_raw = nn.functional.linear(xp, w_u, b_u)
+        z = nn.functional.linear(xp, w_z, b_z)
+        u, u_product = kernels.conv1d_silu_tokens(
+            piece_array(u_raw), self.conv1d.weight.detach()[:, 0].numpy(), self.conv1d.bias.detach().numpy(),
+            carry.history.numpy(), like)
         keep = self.d_conv - 1
         if keep:
-            tail = u_raw if u_raw.shape[1] >= keep else torch.cat([carry.history, u_raw], dim=1)
-            carry.history = tail[:, -keep:].contiguous()
-        x_dbl = nn.functional.linear(u.to(w_x.dtype), w_x).float().numpy()  # (B, T, r + 2N): dt_low, B and C
-        y = kernels.scan_tokens(u.numpy(), x_dbl[..., :r], carry.w_dt.numpy(), carry.a2.numpy(), x_dbl[..., r:r + n],
-                                x_dbl[..., r + n:], self.D.detach().float().numpy(), z.numpy(),
-                                self.dt_proj.bias.detach().float().numpy(), carry.state.numpy())
-        return nn.functional.linear(torch.from_numpy(y).to(w_out.dtype), w_out, b_out).float()
+            tail = u_raw[:, -keep:].float()  # the conv1d's next history, float32
+            if tail.shape[1] < keep:
+                tail = torch.cat([carry.history, tail], dim=1)[:, -keep:]
+            carry.history = tail.contiguous()
+        x_dbl = nn.functional.linear(piece_tensor(u_product), w_x).float().numpy()  # (B, T, r + 2N): dt_low, B, C
+        y = kernels.scan_tokens(u, x_dbl[..., :r], carry.w_dt.numpy(), carry.a2.numpy(), x_dbl[..., r:r + n],
+                                x_dbl[..., r + n:], self.D.detach().float().numpy(), piece_array(z),
+                                self.dt_proj.bias.detach().float().numpy(), carry.state.numpy(), like)
+        return nn.functional.linear(piece_tensor(y), w_out, b_out)
+
+
+def piece_array_like(dtype: torch.dtype) -> np.ndarray | None:
+    """The ``like`` argument of the token-major kernels for products in ``dtype``: an empty ``uint16`` array (bf16
+    bits) for bfloat16, None (float32) otherwise."""
+    return _BF16_LIKE if dtype == torch.bfloat16 else None
+
+
+_BF16_LIKE = np.empty(0, dtype=np.uint16)
+
+
+def piece_array(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as the numpy array the token-major kernels read: bf16 as its ``uint16`` bits, else as is."""
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def piece_tensor(a: np.ndarray) -> torch.Tensor:
+    """The inverse of :func:`piece_array`: ``uint16`` arrays are bf16 bits."""
+    return torch.from_numpy(a).view(torch.bfloat16) if a.dtype == np.uint16 else torch.from_numpy(a)
 
 
 @dataclass

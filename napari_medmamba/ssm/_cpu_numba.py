@@ -65,6 +65,17 @@ def _int32_bits_as_float32(typingctx, bits):
 
 
 @intrinsic
+def _float32_bits_as_int32(typingctx, value):
+    """Reinterpret the bits of a float32 as an int32 (LLVM bitcast; vectorises)."""
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
 def _stack_ptr(typingctx, like, size):
     """Pointer to ``size`` (a compile-time constant) values of ``like``'s type on the stack (entry block)."""
     if not isinstance(size, types.IntegerLiteral) or not isinstance(like, types.Float):

@@ -13,6 +13,8 @@ pass that keeps a block of time steps in cache:
   plane by plane, each row a sum of 27 shifted rows; oneDNN reorders an NCDHW map before its depthwise kernel.
 * ``group_norm_relu``: GroupNorm then ReLU on a (B, C, voxels) map (LightM-UNet's blocks): one pass for the
   per-channel sums, one writing the output, where PyTorch's GroupNorm and ReLU made four and a new tensor more.
+* ``upsample2_add``: LightM-UNet's decoder step ``trilinear x2 upsampling (align_corners=False) + skip``, one
+  pass writing each output row once, where PyTorch's upsampling (a slow CPU kernel) and the add made two.
 
 Inputs are float32 (batch, channels, L) arrays whose rows are contiguous (a channel slice of a larger
 tensor is fine); outputs are new C-contiguous arrays. Work is split over (batch, block of time steps).
@@ -29,7 +31,8 @@ from numba import njit, prange
 # absolute, as in _cpu_numba (benchmarks load copies of these files outside the package)
 from napari_medmamba.ssm._cpu_numba import scan_exp
 
-__all__ = ["BLOCK", "channel_mix_narrow", "conv1d_silu", "depthwise_conv3d_3", "group_norm_relu", "layer_norm_cf"]
+__all__ = ["BLOCK", "channel_mix_narrow", "conv1d_silu", "depthwise_conv3d_3", "group_norm_relu", "layer_norm_cf",
+           "upsample2_add"]
 
 #: time steps per work item: a (64 channels x 512) float32 block is 128 KB, it stays in L2 between passes
 BLOCK = 512
@@ -207,3 +210,48 @@ def group_norm_relu(x, groups, weight, bias, eps):  # pragma: no cover - compile
             o[i] = v if v > 0.0 else np.float32(0.0)
     return out
 
+
+
+@njit(inline="always")
+def _up2_taps(o, n):
+    """Source indices and weights of output index ``o`` of a linear x2 upsampling of ``n`` samples with
+    ``align_corners=False`` (PyTorch's rule: source = (o + 0.5) / 2 - 0.5, clamped at 0, the upper neighbour
+    clamped at n - 1): even o = 2i takes 0.25 x[i - 1] + 0.75 x[i], odd o = 2i + 1 takes 0.75 x[i] + 0.25 x[i + 1]."""
+    i = o // 2
+    if o % 2 == 0:
+        if i == 0:
+            return 0, 0, np.float32(1.0), np.float32(0.0)
+        return i - 1, i, np.float32(0.25), np.float32(0.75)
+    if i + 1 >= n:
+        return i, i, np.float32(1.0), np.float32(0.0)
+    return i, i + 1, np.float32(0.75), np.float32(0.25)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+def upsample2_add(x, skip):  # pragma: no cover - compiled
+    """Trilinear x2 upsampling of x (B, C, D, H, W) with ``align_corners=False``, plus skip (B, C, 2D, 2H, 2W)
+    -> a new (B, C, 2D, 2H, 2W) float32 array. Work items are output planes; each output row is blended from
+    four source rows (z, then y) and spread along x in one pass."""
+    nb, nc, nd, nh, nw = x.shape
+    od, oh, ow = 2 * nd, 2 * nh, 2 * nw
+    out = np.empty((nb, nc, od, oh, ow), dtype=np.float32)
+    for item in prange(nb * nc * od):
+        b = item // (nc * od)
+        c = (item // od) % nc
+        oz = item % od
+        z0, z1, wz0, wz1 = _up2_taps(oz, nd)
+        row = np.empty(nw + 2, dtype=np.float32)  # row[1:nw + 1] the blended source row, its ends repeated
+        for oy in range(oh):
+            y0, y1, wy0, wy1 = _up2_taps(oy, nh)
+            r00, r01, r10, r11 = x[b, c, z0, y0], x[b, c, z0, y1], x[b, c, z1, y0], x[b, c, z1, y1]
+            w00, w01, w10, w11 = wz0 * wy0, wz0 * wy1, wz1 * wy0, wz1 * wy1
+            for i in range(nw):
+                row[i + 1] = w00 * r00[i] + w01 * r01[i] + w10 * r10[i] + w11 * r11[i]
+            row[0] = row[1]  # the clamped neighbours at both ends
+            row[nw + 1] = row[nw]
+            src = skip[b, c, oz, oy]
+            dst = out[b, c, oz, oy]
+            for i in range(nw):  # outputs 2i and 2i + 1 from source samples i - 1, i, i + 1
+                dst[2 * i] = np.float32(0.25) * row[i] + np.float32(0.75) * row[i + 1] + src[2 * i]
+                dst[2 * i + 1] = np.float32(0.75) * row[i + 1] + np.float32(0.25) * row[i + 2] + src[2 * i + 1]
+    return out
