@@ -122,6 +122,23 @@ def test_kernel_profiles_cover_the_2d_network_when_a_2d_case_runs(tmp_path: Path
     assert any("Scan" in r["op"] for r in got["kernels_2d_training_step"])
 
 
+def test_engine_ab_segments_each_case_with_both_checkouts(hippocampus: Path, tmp_path: Path) -> None:
+    """benchmarks/engine_ab.py with this checkout as both base and head: one worker per checkout, each case
+    segmented by both, the same labels, a time ratio per case."""
+    import engine_ab as bench
+
+    out = tmp_path / "ab.json"
+    assert bench.main(["--base", str(ROOT), "--head", str(ROOT), "--model", "lightm_unet_3d", "--data",
+                       str(hippocampus), "--split", str(ROOT / "weights" / "splits" / "msd_hippocampus.json"),
+                       "--limit", "2", "--target-seconds", "1", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["base"] == got["head"] == str(ROOT / "napari_medmamba" / "__init__.py")
+    assert len(got["rows"]) == 2
+    for row in got["rows"]:
+        assert row["seconds base"] > 0 and row["seconds head"] > 0 and row["label agreement"] == 1.0
+        assert row["ratio"] == pytest.approx(row["seconds head"] / row["seconds base"])
+
+
 def test_cpu_bf16_ab_segments_each_case_both_ways(hippocampus: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """benchmarks/cpu_bf16_ab.py: both precisions per case, in alternating order, Dice of each and agreement;
