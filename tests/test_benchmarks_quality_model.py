@@ -170,3 +170,24 @@ def test_scan_host_refuses_to_run_without_a_gpu(capsys: pytest.CaptureFixture) -
         pytest.skip("a GPU is present: the benchmark would run")
     assert bench.main(["--backends", "triton", "--n", "1"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_triton_registers_compiles_every_scan_kernel_for_hopper(tmp_path: Path) -> None:
+    """benchmarks/triton_registers.py: the chunked scan's six launches (forward 3, backward 3) captured with the
+    arguments the host code gives them, compiled for sm_90 by Triton's own specialisation, and read back."""
+    pytest.importorskip("triton")
+    import triton_registers as bench
+
+    out = tmp_path / "regs.json"
+    assert bench.main(["--shapes", "1,8,1000,16", "--dtypes", "fp32", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["kernel"] for r in rows] == ["_chunk_state_kernel", "_chunk_combine_kernel", "_scan_out_kernel",
+                                           "_bwd_tile_adjoint_kernel", "_chunk_combine_kernel", "_bwd_tile_grad_kernel"]
+    for r in rows:
+        assert 0 < r["registers"] <= 255 and r["sass_instructions"] > 100 and r["sass_MUFU"] > 0, r
+        assert 0 < r["resident_warps_per_sm"] <= 64 and r["programs"] >= 1
+    grad = rows[-1]
+    assert grad["constexprs"]["T"] == 128 and grad["warps_per_program"] == 1
+    assert bench.resident_warps(255, 1) == 8 and bench.resident_warps(64, 1) == 32 and bench.resident_warps(32, 4) == 64
+    with pytest.raises(ValueError, match="unknown launch parameters"):
+        bench.main(["--shapes", "1,8,1000,16", "--dtypes", "fp32", "--override", '{"bwd_warps": 2}'])

@@ -175,6 +175,9 @@ def test_launch_config_depends_on_the_input_precision() -> None:
     # explicit overrides win, False included
     forced = choose_config(2, 64, 32768, 16, 1, cpu, half=True, unroll_n=False, num_warps=4)
     assert (forced.unroll_n, forced.num_warps) == (False, 4)
+    # a misspelt launch parameter is an error, not silently the default
+    with pytest.raises(ValueError, match="unknown launch parameters of the Triton scan: bwd_warps"):
+        choose_config(2, 64, 32768, 16, 1, cpu, bwd_warps=2)
 
 
 # ---------------------------------------------------------------- CUDA, full shapes

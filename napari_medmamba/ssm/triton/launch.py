@@ -72,6 +72,10 @@ def _choose_config(batch: int, dim: int, length: int, n_state: int, groups: int,
     unrolled, 1.3-1.8x faster than two warps and a loop for these inputs on an H200, but slower
     for fp32 (benchmarks/scan_sweep.py; docs/benchmarks.md, 2026-11-26 session 10)."""
     override = dict(override_items)
+    unknown = sorted(set(override) - {f.name for f in fields(ScanConfig)})
+    if unknown:
+        raise ValueError(f"unknown launch parameters of the Triton scan: {', '.join(unknown)} "
+                         f"(known: {', '.join(f.name for f in fields(ScanConfig))})")
     dflt = ScanConfig()
     T = override.get("T") or max(16, min(dflt.T, next_pow2(length)))
     dpg = dim // groups
