@@ -374,6 +374,11 @@ def test_token_major_kernels_read_and_write_bf16_bits_exactly_as_torch_casts() -
     # rounding: ties go to even, as torch's cast does; large values and signed zero
     values = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1 + 2 ** -9, 3.0e38, -0.0, 1e-30], np.float32)
     assert np.array_equal(_kernel_bf16_bits(values), _bf16_bits(values))
+    # the plain-Python versions of the helpers (numba's pure-Python mode) agree with the compiled ones
+    bits16 = np.empty(0, np.uint16)
+    assert np.array_equal(np.array([tokens.as_element(v, bits16) for v in values], np.uint16), _bf16_bits(values))
+    widened = [tokens.as_float32(b) for b in _bf16_bits(values)]
+    assert np.array_equal(np.array(widened, np.float32), widen(_bf16_bits(values)))
 
 
 @numba.njit

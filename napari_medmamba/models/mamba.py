@@ -23,8 +23,8 @@ from .. import ssm as _ssm
 
 __all__ = ["CPU_BF16_ENV", "CPU_LAYERS_ENV", "TRITON_LAYERS_ENV", "Mamba", "PieceCarry", "causal_conv1d_silu",
            "channels_first_layer_norm", "channels_first_linear", "cpu_inference", "cpu_layer_kernels",
-           "cpu_multiplies_bf16", "cpu_streaming", "dt_bias_init", "float32_products", "piece_product_dtype",
-           "scan_override", "selective_scan"]
+           "cpu_multiplies_bf16", "cpu_streaming", "dt_bias_init", "float32_products", "piece_array",
+           "piece_array_like", "piece_product_dtype", "piece_tensor", "scan_override", "selective_scan"]
 
 CPU_LAYERS_ENV = "MEDMAMBA_CPU_LAYERS"
 """Set to 0 to run CPU inference through PyTorch's ops instead of the fused numba kernels (e.g. to compare)."""

@@ -48,6 +48,8 @@ _FASTMATH = {"nsz", "contract", "reassoc", "arcp", "afn"}
 
 def as_float32(value):
     """An array element as float32: float32 as it is, bf16 bits (``uint16``) widened (exact)."""
+    if isinstance(value, np.uint16):
+        return np.array([int(value) << 16], dtype=np.uint32).view(np.float32)[0]
     return np.float32(value)
 
 
@@ -63,7 +65,10 @@ def _as_float32_overload(value):
 def as_element(value, like):
     """float32 ``value`` as an element of array ``like``: float32 as it is, bf16 bits (``uint16``) rounded to
     nearest even (``torch.Tensor.to(torch.bfloat16)`` for finite values)."""
-    return value
+    if like.dtype == np.uint16:
+        bits = int(np.array([value], dtype=np.float32).view(np.uint32)[0])
+        return np.uint16(((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
+    return np.float32(value)
 
 
 @overload(as_element, inline="always")
@@ -80,7 +85,7 @@ def _as_element_overload(value, like):
 
 def _output_dtype(like):
     """The dtype of a kernel's output given ``like`` (None: float32)."""
-    return np.float32
+    return np.float32 if like is None else like.dtype
 
 
 @overload(_output_dtype, inline="always")
@@ -92,7 +97,7 @@ def _output_dtype_overload(like):
 
 def _second_output(out, like):
     """``out`` itself when ``like`` is None, else a new array of ``out``'s shape in ``like``'s dtype."""
-    return out
+    return out if like is None else np.empty(out.shape, dtype=like.dtype)
 
 
 @overload(_second_output, inline="always")
