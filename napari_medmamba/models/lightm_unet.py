@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .mamba import (Mamba, _channel_mix, channels_first_layer_norm, channels_first_linear, cpu_inference,
-                    cpu_layer_kernels, cpu_streaming, piece_array, piece_array_like, piece_tensor)
+from .mamba import (Mamba, channels_first_layer_norm, channels_first_linear, cpu_inference, cpu_layer_kernels,
+                    cpu_streaming, piece_array, piece_array_like, piece_tensor)
 from .group_norm import WideGroupNorm
 
 __all__ = ["LightMUNet", "MambaLayer", "MaxPool", "ResMambaBlock", "ResUpBlock", "warm_cpu_kernels"]
@@ -58,9 +58,7 @@ class ConvOnly(nn.Module):
 
     In CPU inference a 1x1 convolution that is a per-channel scale (depthwise, or from one input channel) runs as
     one broadcast multiply-add: oneDNN took 238 ms for the depthwise one on a 32 x 128 x 80 x 144 map (it
-    reorders the layout first), the multiply-add 10 ms. A dense 1x1 convolution runs as one matrix product on the
-    channels-first map (``mamba._channel_mix``): 46 -> 7 ms for 32 -> 32 channels on 32 x 64 x 72 x 152, where
-    oneDNN reorders the layout too. The depthwise 3x3x3 convolution of a map of at least
+    reorders the layout first), the multiply-add 10 ms. The depthwise 3x3x3 convolution of a map of at least
     ``DEPTHWISE_NUMBA_MIN_VOXELS`` voxels runs as a numba kernel (``_cpu_numba_layers.depthwise_conv3d_3``):
     237 -> 55 ms on that map, 50 -> 25 ms on 64 x 64 x 40 x 72; on smaller maps oneDNN is faster
     (7.9 against 11.4 ms on a hippocampus patch). Same values up to rounding.
@@ -79,13 +77,6 @@ class ConvOnly(nn.Module):
             shape = (1, conv.out_channels) + (1,) * (x.dim() - 2)
             scale = conv.weight.reshape(shape)
             return x * scale if conv.bias is None else torch.addcmul(conv.bias.reshape(shape), x, scale)
-        if (conv.groups == 1 and all(k == 1 for k in conv.kernel_size) and x.dtype == conv.weight.dtype == torch.float32
-                and cpu_inference(x, conv.weight)):
-            y = _channel_mix(conv.weight.reshape(conv.out_channels, conv.in_channels),
-                             x.reshape(x.shape[0], conv.in_channels, -1))
-            if conv.bias is not None:
-                y.add_(conv.bias[:, None])
-            return y.reshape(x.shape[0], conv.out_channels, *x.shape[2:])
         if (conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (3, 3, 3) and conv.bias is None
                 and x[0, 0].numel() >= DEPTHWISE_NUMBA_MIN_VOXELS and x.is_contiguous()):
             kernels = cpu_layer_kernels(x, conv.weight)
