@@ -163,7 +163,7 @@ class Mamba(nn.Module):
 
     def forward_piece(self, x: torch.Tensor, carry: "PieceCarry") -> torch.Tensor:
         """The block on one token-major piece (B, T, d_model) of a longer sequence, continuing from ``carry``
-        (updated in place); CPU float32 inference only (:func:`cpu_streaming`).
+        (updated in place); CPU inference without autocast only (:func:`cpu_streaming`).
 
         Every projection is a (T, in) x (in, out) matrix product (about 3x the BLAS rate of the channels-first
         product on a 2-core EPYC), in ``carry``'s product dtype (:func:`piece_product_dtype`), and every
